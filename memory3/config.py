@@ -1,0 +1,296 @@
+"""Configs: plain dataclasses with named presets.
+
+`ModelConfig` describes the network and travels inside every checkpoint. `Recipe` bundles a model
+with everything a run needs (data, optimizer, schedule, DeepSpeed settings) and is what
+`memory3 train --recipe NAME` loads. Both round-trip through plain dicts so they can be written
+as JSON into checkpoints and read back from TOML/JSON recipe files.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A config, recipe or override that cannot be used; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 512
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 16
+    d_mlp: int = 128
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    # Which layers read explicit memories: "first_half", "middle_half", "all", "none",
+    # or an explicit list of layer indices.
+    memory_layers: str | list[int] = "first_half"
+
+    def validate(self) -> "ModelConfig":
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim",
+                     "d_mlp", "max_seq_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_heads ({self.n_heads}) must be a multiple of "
+                              f"model.n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim must be even for rotary positions, got {self.head_dim}")
+        self.memory_layer_ids  # raises on a bad spec
+        return self
+
+    @property
+    def memory_layer_ids(self) -> list[int]:
+        n, spec = self.n_layers, self.memory_layers
+        named = {"first_half": range(n // 2), "middle_half": range(n // 4, n // 4 + n // 2),
+                 "all": range(n), "none": range(0)}
+        if isinstance(spec, str):
+            if spec not in named:
+                raise ConfigError(f"model.memory_layers must be one of {sorted(named)} or a list of "
+                                  f"layer indices, got {spec!r}")
+            return list(named[spec])
+        ids = sorted(set(int(i) for i in spec))
+        if ids and not (0 <= ids[0] and ids[-1] < n):
+            raise ConfigError(f"model.memory_layers {spec} outside 0..{n - 1}")
+        return ids
+
+    @property
+    def n_params_non_embedding(self) -> int:
+        d, hd = self.d_model, self.head_dim
+        attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
+        mlp = 3 * d * self.d_mlp
+        return self.n_layers * (attn + mlp + 2 * d) + d  # + final norm
+
+    @property
+    def n_params(self) -> int:
+        emb = self.vocab_size * self.d_model
+        return self.n_params_non_embedding + emb * (1 if self.tie_embeddings else 2)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in MODEL_PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; known: {sorted(MODEL_PRESETS)}")
+        return _apply(copy.deepcopy(MODEL_PRESETS[name]), overrides, "model").validate()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, d, "model").validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # Trains in seconds on a CPU: for tests and CI.
+    "tiny": ModelConfig(name="tiny", vocab_size=512, n_layers=2, d_model=64, n_heads=4,
+                        n_kv_heads=2, head_dim=16, d_mlp=128, max_seq_len=256),
+    # Quickstart size: a few minutes on 2 cores shows real learning.
+    "mini": ModelConfig(name="mini", vocab_size=2048, n_layers=4, d_model=128, n_heads=4,
+                        n_kv_heads=2, head_dim=32, d_mlp=384, max_seq_len=256),
+    # Our CPU benchmark size: ~20M parameters, trains meaningfully in tens of minutes on 2 cores.
+    "small": ModelConfig(name="small", vocab_size=8192, n_layers=8, d_model=384, n_heads=6,
+                         n_kv_heads=2, head_dim=64, d_mlp=1024, max_seq_len=512),
+    # The reference Memory3 shape (SPEC section 1): ~2.43e9 non-embedding parameters.
+    "2.4b": ModelConfig(name="2.4b", vocab_size=60416, n_layers=44, d_model=3200, n_heads=40,
+                        n_kv_heads=8, head_dim=80, d_mlp=3200, max_seq_len=2048,
+                        memory_layers="first_half"),
+}
+
+
+@dataclass
+class DataConfig:
+    path: str = ""              # a folder written by `memory3 prepare-data`
+    train_split: str = "train"
+    valid_split: str = "valid"
+    seq_len: int = 256
+    seed: int = 1234
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "wsd"           # "wsd" (warmup-stable-decay), "cosine" or "constant"
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    precision: str = "bf16"     # "bf16" or "fp32"
+    zero_stage: int = 1
+    seed: int = 1234
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 50
+    keep_last: int = 2
+    log_every: int = 1
+    # Extra DeepSpeed config entries merged over the generated dict (e.g. offload settings).
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    phase: str = "warmup"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Recipe":
+        self.model.validate()
+        if self.phase not in ("warmup",):
+            raise ConfigError(f"phase must be 'warmup', got {self.phase!r}")
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
+                              f"({self.model.max_seq_len})")
+        if self.train.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"train.precision must be 'bf16' or 'fp32' (fp16 is not portable to "
+                              f"CPU), got {self.train.precision!r}")
+        if self.train.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage must be 0..3, got {self.train.zero_stage}")
+        if self.schedule.kind not in ("wsd", "cosine", "constant"):
+            raise ConfigError(f"schedule.kind must be wsd, cosine or constant, got "
+                              f"{self.schedule.kind!r}")
+        if not 0 <= self.schedule.decay_fraction <= 1:
+            raise ConfigError(f"schedule.decay_fraction must be in [0, 1], got "
+                              f"{self.schedule.decay_fraction}")
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_every", "save_every",
+                     "keep_last", "log_every"):
+            if getattr(self.train, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self.train, name)}")
+        return self
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        return self.data.seq_len * self.train.micro_batch_size * self.train.grad_accum * world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        d = copy.deepcopy(d)
+        model = d.pop("model", {})
+        if isinstance(model, str):
+            model = {"preset": model}
+        preset = model.pop("preset", None)
+        recipe = _from_dict(cls, {k: v for k, v in d.items()
+                                  if k not in ("data", "optim", "schedule", "train")}, "recipe")
+        recipe.model = (ModelConfig.from_name(preset, **model) if preset
+                        else ModelConfig.from_dict(model))
+        for section, typ in (("data", DataConfig), ("optim", OptimConfig),
+                             ("schedule", ScheduleConfig), ("train", TrainConfig)):
+            setattr(recipe, section, _from_dict(typ, d.get(section, {}), section))
+        return recipe.validate()
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read recipe {path}: {e}") from e
+        try:
+            d = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"recipe {path} is not valid {path.suffix[1:].upper()}: {e}") from e
+        d.setdefault("name", path.stem)
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"recipe {path}: {e}") from e
+
+    @classmethod
+    def from_name(cls, name: str) -> "Recipe":
+        """A shipped recipe name (see `list_recipes()`) or a path to a .toml/.json file."""
+        if Path(name).suffix in (".toml", ".json") or "/" in name:
+            return cls.from_file(name)
+        path = RECIPES_DIR / f"{name}.toml"
+        if not path.exists():
+            raise ConfigError(f"unknown recipe {name!r}; shipped recipes: {list_recipes()} "
+                              f"(or pass a path to a .toml/.json file)")
+        return cls.from_file(path)
+
+    def override(self, assignments: list[str]) -> "Recipe":
+        """Apply `section.field=value` strings (values parsed as JSON, else kept as strings)."""
+        d = self.to_dict()
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r} must look like section.field=value")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            *parents, leaf = key.split(".")
+            node = d
+            for p in parents:
+                if not isinstance(node.get(p), dict):
+                    raise ConfigError(f"override {item!r}: no config section {p!r}")
+                node = node[p]
+            if leaf not in node and not (parents and parents[-1] == "deepspeed"):
+                raise ConfigError(f"override {item!r}: unknown field {key!r}")
+            node[leaf] = value
+        return Recipe.from_dict(d)
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def _from_dict(cls, d: dict[str, Any], where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown field(s) in {where}: {sorted(unknown)}; known: {sorted(known)}")
+    return _apply(cls(), d, where)
+
+
+def _apply(obj, overrides: dict[str, Any], where: str):
+    known = {f.name: f for f in dataclasses.fields(obj)}
+    for k, v in overrides.items():
+        if k not in known:
+            raise ConfigError(f"unknown field {where}.{k}; known: {sorted(known)}")
+        default = getattr(obj, k)
+        if isinstance(default, bool) and not isinstance(v, bool):
+            raise ConfigError(f"{where}.{k} must be true/false, got {v!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{where}.{k} must be a number, got {v!r}")
+            if isinstance(default, int) and not isinstance(v, int):
+                if float(v).is_integer():
+                    v = int(v)
+                else:
+                    raise ConfigError(f"{where}.{k} must be an integer, got {v!r}")
+            v = type(default)(v)
+        setattr(obj, k, v)
+    return obj

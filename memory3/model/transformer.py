@@ -1,0 +1,129 @@
+"""Decoder-only transformer: config -> block -> model -> generate. Plain PyTorch."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memory3.config import ModelConfig
+from memory3.model.attention import Attention, KVCache
+from memory3.model.layers import GatedMLP, RMSNorm, rotary_tables
+
+IGNORE_INDEX = -100
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = GatedMLP(cfg.d_model, cfg.d_mlp)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor          # (B, T, vocab)
+    loss: torch.Tensor | None     # mean next-token cross-entropy over non-ignored targets
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = self.cfg.init_std
+        # Residual-branch outputs are scaled down with depth (GPT-2) so the stream's variance
+        # does not grow with the number of layers.
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w_down.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | None = None) -> ModelOutput:
+        """tokens (B, T) -> logits (B, T, vocab); loss when targets (B, T) are given.
+
+        With a cache, tokens continue the cached sequence at position `cache.length`.
+        """
+        T = tokens.shape[1]
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len "
+                             f"{self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                   ignore_index=IGNORE_INDEX)
+        return ModelOutput(logits, loss)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, p.device, p.dtype)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, eos_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue prompt (B, T) by up to max_new_tokens; temperature 0 is greedy decoding.
+
+        Returns (B, T + n) tokens. Sequences that emit eos_id keep emitting it so the batch stays
+        rectangular; generation stops early once all have.
+        """
+        B, T = prompt.shape
+        total = min(T + max_new_tokens, self.cfg.max_seq_len)
+        cache = self.new_cache(B, total)
+        logits = self(prompt, cache=cache).logits[:, -1]
+        out = [prompt]
+        done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+        for _ in range(total - T):
+            nxt = sample_next(logits, temperature, top_k, generator)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            out.append(nxt[:, None])
+            if (eos_id is not None and bool(done.all())) or cache.length >= total:
+                break
+            logits = self(nxt[:, None], cache=cache).logits[:, -1]
+        return torch.cat(out, dim=1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, vocab) -> next token ids (B,)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
