@@ -144,6 +144,9 @@ class TrainConfig:
     max_steps: int = 100
     micro_batch_size: int = 8
     grad_accum: int = 1
+    # When > 0, grad_accum is derived from the world size so that every optimizer step sees this
+    # many tokens whatever the number of ranks (must divide evenly).
+    global_batch_tokens: int = 0
     precision: str = "bf16"     # "bf16" or "fp32"
     zero_stage: int = 1
     seed: int = 1234
@@ -190,8 +193,19 @@ class Recipe:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self.train, name)}")
         return self
 
+    def grad_accum_for(self, world_size: int) -> int:
+        if self.train.global_batch_tokens <= 0:
+            return self.train.grad_accum
+        per_micro_step = self.data.seq_len * self.train.micro_batch_size * world_size
+        if self.train.global_batch_tokens % per_micro_step:
+            raise ConfigError(
+                f"train.global_batch_tokens ({self.train.global_batch_tokens}) is not a multiple of "
+                f"data.seq_len x train.micro_batch_size x world size ({per_micro_step})")
+        return self.train.global_batch_tokens // per_micro_step
+
     def tokens_per_step(self, world_size: int = 1) -> int:
-        return self.data.seq_len * self.train.micro_batch_size * self.train.grad_accum * world_size
+        return (self.data.seq_len * self.train.micro_batch_size * self.grad_accum_for(world_size)
+                * world_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

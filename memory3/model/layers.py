@@ -21,7 +21,7 @@ class RMSNorm(nn.Module):
 
 def rotary_tables(head_dim: int, max_len: int, theta: float,
                   device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (max_len, head_dim) in the rotate-half layout (Llama's)."""
+    """fp32 cos/sin tables of shape (max_len, head_dim) in the rotate-half layout (Llama's)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
     angles = torch.outer(torch.arange(max_len, device=device).float(), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
@@ -31,12 +31,16 @@ def rotary_tables(head_dim: int, max_len: int, theta: float,
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (..., T, head_dim) by the angles in cos/sin (T, head_dim), broadcast over heads.
 
+    Computed in x's dtype, as Llama/HF do: the tables are rounded to x's dtype (a no-op when the
+    caller already cast them once per forward) and no fp32 copy of q/k is made. In bf16 this halves
+    the cost of rotary in training; the error is that of the bf16 output itself.
+
     Rotations compose: rotating by position p and then by d equals rotating by p + d, which is
     what lets stored memory keys be moved to another position range at read time.
     """
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class GatedMLP(nn.Module):

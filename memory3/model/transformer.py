@@ -43,10 +43,20 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # fp32 rotary tables, built on first use on the device that needs them. Deliberately not
+        # buffers: `.to(bf16)` (DeepSpeed's bf16 mode) would round them for good, and a model built
+        # on the meta device and materialised with `to_empty` would get uninitialised tables.
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset_parameters()
+
+    def rotary(self, start: int, length: int, device: torch.device,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (length, head_dim) for positions start.., cast once to the activations' dtype."""
+        if self._rope is None or self._rope[0].device != device:
+            self._rope = rotary_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
+                                       device)
+        cos, sin = self._rope
+        return cos[start:start + length].to(dtype), sin[start:start + length].to(dtype)
 
     def reset_parameters(self):
         std = self.cfg.init_std
@@ -72,8 +82,8 @@ class Transformer(nn.Module):
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len "
                              f"{self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.embed(tokens)
+        cos, sin = self.rotary(start, T, x.device, x.dtype)
         for block in self.blocks:
             x = block(x, cos, sin, cache)
         if cache is not None:

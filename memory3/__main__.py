@@ -1,0 +1,3 @@
+from memory3.cli import main
+
+main()

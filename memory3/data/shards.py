@@ -1,0 +1,353 @@
+"""Token shards: a tokenized corpus as flat binary files listed by a manifest.
+
+Layout of a data folder:
+  manifest.json        the only record of what is done; a shard not listed in it does not exist
+  train-00000.bin ...  raw little-endian uint16 (uint32 for vocabularies over 65535) token arrays
+  valid-00000.bin ...
+
+Every document becomes [bos] + tokens + [eos] and lies whole in one shard of its split. A shard is
+closed as soon as it holds >= shard_tokens tokens, so shards run a little over shard_tokens.
+
+Splits: a document goes to "valid" when a hash of (seed, its text) falls below valid_fraction.
+Hashing the text rather than its file name keeps the split the same wherever the corpus lives, and
+sends exact duplicates to the same split, so validation never scores copies of training text.
+When valid_fraction > 0 but no document hashes into valid (a tiny corpus), the last document goes
+to valid instead, as long as there are at least two documents.
+
+Resume: documents are numbered by their position in the input stream. Each split records
+`next_document`: every document of that split before it is in a committed shard. A commit writes
+the shard file (temp, fsync, rename), then the manifest (same). A re-run reads the input from the
+start, skips without tokenizing every document below the smaller `next_document`, then skips the
+documents whose split already has them, so it rebuilds exactly the open shards a kill lost. The
+last document is only placed once the input has ended, and the end (last documents, final partial
+shards, `complete: true`) is committed by a single manifest write, so the move of the last document
+to valid never has to be undone. The manifest holds no timestamps: a resumed run ends byte-identical
+to an unbroken one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from memory3.data.text import (DataError, PathLike, ReadStats, iter_documents, list_files,
+                               require_documents)
+from memory3.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+
+MANIFEST_FILE = "manifest.json"
+FORMAT = "memory3-token-shards"
+VERSION = 1
+SPLITS = ("train", "valid")
+SHARD_NAME = re.compile(r"(train|valid)-\d{5}\.bin")
+TEMP_NAME = re.compile(r"(manifest\.json|(train|valid)-\d{5}\.bin)\.tmp")
+# Documents are tokenized in batches of about this many characters, on the tokenizer's threads.
+BATCH_CHARS = 1 << 20
+# Test-only: seconds to sleep after each mid-run shard commit, so a test can kill the run mid-way.
+SLOW_SHARD_ENV = "MEMORY3_TEST_SLOW_SHARD_SECONDS"
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 65535 else "uint32"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "posix":  # makes the rename itself durable
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def load_manifest(data_dir: PathLike) -> dict:
+    path = Path(data_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: {data_dir} holds no prepared data "
+                        f"(make it with prepare_data)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"{path} is not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise DataError(f"{path} has format version {manifest.get('version')}, this code reads "
+                        f"version {VERSION}; prepare the data again")
+    return manifest
+
+
+def _check_shard(path: Path, shard: dict, itemsize: int, verify: bool) -> None:
+    if not path.is_file():
+        raise DataError(f"shard {path} listed in the manifest does not exist")
+    size, expected = path.stat().st_size, shard["tokens"] * itemsize
+    if size != expected:
+        raise DataError(f"shard {path} has {size} bytes, the manifest says {shard['tokens']} "
+                        f"tokens = {expected} bytes")
+    if verify and _file_sha256(path) != shard["sha256"]:
+        raise DataError(f"shard {path} does not match its sha256 in the manifest: it is corrupt")
+
+
+def _is_valid(text: str, seed: int, valid_fraction: float) -> bool:
+    digest = hashlib.blake2b(f"{seed}\0{text}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < valid_fraction * 2**64
+
+
+class _SplitWriter:
+    """One split's open shard, plus the committed shards recorded in `entry` (manifest)."""
+
+    def __init__(self, name: str, entry: dict, out_dir: Path, dtype: str, shard_tokens: int):
+        self.name, self.entry, self.out_dir = name, entry, out_dir
+        self.dtype, self.shard_tokens = np.dtype(dtype).newbyteorder("<"), shard_tokens
+        self.buffer: list[np.ndarray] = []
+        self.buffered_tokens = 0
+
+    def add(self, tokens: list[int]) -> bool:
+        """Buffer one document; True when the open shard is full."""
+        self.buffer.append(np.asarray(tokens, dtype=self.dtype))
+        self.buffered_tokens += len(tokens)
+        return self.buffered_tokens >= self.shard_tokens
+
+    def write_shard(self, next_document: int) -> None:
+        """Write the open shard to disk; it counts once the manifest is committed."""
+        data = np.concatenate(self.buffer).tobytes()
+        file = f"{self.name}-{len(self.entry['shards']):05d}.bin"
+        _write_atomic(self.out_dir / file, data)
+        self.entry["shards"].append({"file": file, "tokens": self.buffered_tokens,
+                                     "documents": len(self.buffer),
+                                     "sha256": hashlib.sha256(data).hexdigest()})
+        self.entry["tokens"] += self.buffered_tokens
+        self.entry["documents"] += len(self.buffer)
+        self.entry["next_document"] = next_document
+        self.buffer, self.buffered_tokens = [], 0
+
+
+class _ShardBuilder:
+    """Routes documents to their split's writer, tokenizing them in batches, and commits."""
+
+    def __init__(self, out_dir: Path, manifest: dict, tokenizer: Tokenizer, shard_tokens: int):
+        self.out_dir, self.manifest, self.tokenizer = out_dir, manifest, tokenizer
+        self.writers = {s: _SplitWriter(s, manifest["splits"][s], out_dir, manifest["dtype"],
+                                        shard_tokens) for s in SPLITS}
+        self.batch: list[tuple[int, str, str]] = []  # (position, text, split)
+        self.batch_chars = 0
+        self.slow_seconds = float(os.environ.get(SLOW_SHARD_ENV, "0"))
+
+    def commit(self) -> None:
+        _write_atomic(self.out_dir / MANIFEST_FILE,
+                      (json.dumps(self.manifest, indent=1) + "\n").encode())
+
+    def place(self, position: int, text: str, split: str) -> None:
+        self._queue(position, text, split)
+        if self.batch_chars >= BATCH_CHARS:
+            self.flush(final=False)
+
+    def _queue(self, position: int, text: str, split: str) -> None:
+        if position >= self.writers[split].entry["next_document"]:  # else an earlier run has it
+            self.batch.append((position, text, split))
+            self.batch_chars += len(text)
+
+    def flush(self, final: bool) -> None:
+        """Tokenize the batch into the open shards. Shards it closes are committed one by one,
+        except in the final flush, whose shards are committed together with the end."""
+        token_lists = self.tokenizer.encode_batch([text for _, text, _ in self.batch])
+        for (position, _, split), ids in zip(self.batch, token_lists):
+            if self.writers[split].add([BOS_ID, *ids, EOS_ID]):
+                self.writers[split].write_shard(position + 1)
+                if not final:
+                    self.commit()
+                    time.sleep(self.slow_seconds)
+        self.batch, self.batch_chars = [], 0
+
+    def finish(self, last: tuple[int, str, str] | None, n_documents: int,
+               stats: ReadStats) -> None:
+        """Place the last document (position, text, split) and commit everything left."""
+        if last:
+            self._queue(*last)
+        self.flush(final=True)
+        for writer in self.writers.values():
+            if writer.buffer:
+                writer.write_shard(n_documents)
+        self.manifest["read_stats"] = stats.to_dict()
+        self.manifest["complete"] = True
+        self.commit()
+
+
+def _start_or_resume(out_dir: Path, settings: dict, tokenizer: Tokenizer) -> dict:
+    """The manifest to continue from, with the data folder cleaned of uncommitted files."""
+    fresh = {"format": FORMAT, "version": VERSION, "complete": False,
+             "tokenizer": {"path": str(tokenizer.path.resolve()), "sha256": tokenizer.sha256,
+                           "vocab_size": tokenizer.vocab_size},
+             "dtype": token_dtype(tokenizer.vocab_size), "settings": settings,
+             "splits": {s: {"tokens": 0, "documents": 0, "next_document": 0, "shards": []}
+                        for s in SPLITS},
+             "read_stats": None}
+    manifest_path = out_dir / MANIFEST_FILE
+    if not manifest_path.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        manifest = fresh
+    else:
+        manifest = load_manifest(out_dir)
+        old = {"tokenizer sha256": manifest["tokenizer"]["sha256"], **manifest["settings"]}
+        new = {"tokenizer sha256": tokenizer.sha256, **settings}
+        changed = [k for k in new if old.get(k) != new[k]]
+        if changed:
+            raise DataError(f"{out_dir} was prepared with a different {', '.join(changed)} "
+                            f"(see {manifest_path}); use a fresh output directory")
+        if manifest["complete"]:
+            return manifest
+        manifest["tokenizer"] = fresh["tokenizer"]  # the same model, maybe found at a new path
+        itemsize = np.dtype(manifest["dtype"]).itemsize
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                try:
+                    _check_shard(out_dir / shard["file"], shard, itemsize, verify=True)
+                except DataError as e:
+                    raise DataError(f"cannot resume: {e}; use a fresh output directory") from e
+    committed = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
+    for path in out_dir.iterdir():
+        if TEMP_NAME.fullmatch(path.name) or (SHARD_NAME.fullmatch(path.name)
+                                              and path.name not in committed):
+            path.unlink()
+    return manifest
+
+
+def prepare_data(inputs: Sequence[PathLike], tokenizer_path: PathLike, out_dir: PathLike, *,
+                 shard_tokens: int = 2**24, valid_fraction: float = 0.01, text_field: str = "text",
+                 seed: int = 0, progress: bool = True) -> dict:
+    """Tokenize the documents of `inputs` into train/valid shards in `out_dir`; return the manifest.
+
+    Resumable: after an interruption, run it again with the same arguments.
+    """
+    if shard_tokens <= 0:
+        raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
+    if not 0 <= valid_fraction < 1:
+        raise DataError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    out_dir = Path(out_dir)
+    tokenizer = Tokenizer(tokenizer_path)
+    files = list_files(inputs)
+    probe = ReadStats()
+    next(iter_documents(files, text_field, probe), None)
+    require_documents(probe, inputs)
+    settings = {"inputs": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
+                "text_field": text_field, "shard_tokens": shard_tokens,
+                "valid_fraction": valid_fraction, "seed": seed}
+
+    manifest = _start_or_resume(out_dir, settings, tokenizer)
+    if manifest["complete"]:
+        print(f"{out_dir} is already complete; nothing to do")
+        return manifest
+
+    builder = _ShardBuilder(out_dir, manifest, tokenizer, shard_tokens)
+    builder.commit()
+    splits = manifest["splits"]
+    start = min(splits[s]["next_document"] for s in SPLITS)
+    # An incomplete manifest never holds a moved last document: its valid documents hashed there.
+    valid_seen = splits["valid"]["documents"] > 0
+    stats = ReadStats()
+    held: tuple[int, str, str] | None = None  # the latest document, placed when the next comes
+    n_documents = 0
+    documents = iter_documents(files, text_field, stats)
+    for position, doc in enumerate(tqdm(documents, unit=" docs", desc=f"prepare {out_dir}",
+                                        disable=not progress)):
+        n_documents = position + 1
+        if position < start:
+            continue
+        split = "valid" if _is_valid(doc.text, seed, valid_fraction) else "train"
+        valid_seen |= split == "valid"
+        if held:
+            builder.place(*held)
+        held = (position, doc.text, split)
+    if held and valid_fraction > 0 and not valid_seen and n_documents > 1:
+        held = (*held[:2], "valid")
+    builder.finish(held, n_documents, stats)
+    _print_summary(out_dir, manifest, stats, progress)
+    return manifest
+
+
+def _print_summary(out_dir: Path, manifest: dict, stats: ReadStats, progress: bool) -> None:
+    if not (progress or stats.undecodable_lines or stats.bad_json_lines):
+        return
+    splits = ", ".join(f"{name} {s['tokens']:,} tokens in {len(s['shards'])} shards "
+                       f"({s['documents']:,} documents)" for name, s in manifest["splits"].items())
+    print(f"prepared {out_dir}: {splits}")
+    if stats.undecodable_lines:
+        print(f"skipped {stats.undecodable_lines} undecodable lines")
+    if stats.bad_json_lines:
+        print(f"skipped {stats.bad_json_lines} JSON lines without a string "
+              f"{manifest['settings']['text_field']!r} field")
+
+
+class TokenShards:
+    """The tokens of one split as a single read-only sequence over memory-mapped shards.
+
+    Opening checks every shard's size (cheap); `verify=True` also checks their sha256.
+    """
+
+    def __init__(self, data_dir: PathLike, split: str = "train", *, verify: bool = False):
+        self.data_dir = Path(data_dir)
+        manifest = load_manifest(self.data_dir)
+        manifest_path = self.data_dir / MANIFEST_FILE
+        if not manifest["complete"]:
+            raise DataError(f"{manifest_path} is incomplete: prepare_data was interrupted; run it "
+                            f"again with the same arguments to finish")
+        if split not in manifest["splits"]:
+            raise DataError(f"{manifest_path} has no split {split!r}; it has "
+                            f"{', '.join(manifest['splits'])}")
+        entry = manifest["splits"][split]
+        if not entry["shards"]:
+            raise DataError(f"split {split!r} of {manifest_path} is empty (prepared with "
+                            f"valid_fraction={manifest['settings']['valid_fraction']})")
+        self.split = split
+        self.tokenizer_sha256 = manifest["tokenizer"]["sha256"]
+        self.vocab_size = manifest["tokenizer"]["vocab_size"]
+        self.dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+        self._arrays: list[np.ndarray] = []
+        for shard in entry["shards"]:
+            path = self.data_dir / shard["file"]
+            _check_shard(path, shard, self.dtype.itemsize, verify)
+            self._arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))
+        self._offsets = np.cumsum([0] + [len(a) for a in self._arrays])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) as int64, across shard boundaries."""
+        if start < 0 or length < 0 or start + length > len(self):
+            raise IndexError(f"read({start}, {length}) outside the {len(self)} tokens of "
+                             f"split {self.split!r} in {self.data_dir}")
+        out = np.empty(length, dtype=np.int64)
+        shard = int(np.searchsorted(self._offsets, start, side="right")) - 1
+        done = 0
+        while done < length:
+            lo = start + done - int(self._offsets[shard])
+            n = min(len(self._arrays[shard]) - lo, length - done)
+            out[done:done + n] = self._arrays[shard][lo:lo + n]
+            done += n
+            shard += 1
+        return out

@@ -1,0 +1,147 @@
+"""SentencePiece BPE tokenizer with fixed special-token ids.
+
+Ids 0-4 are the same for every tokenizer we train, so code elsewhere may rely on them:
+pad=0, unk=1, bos=2, eos=3, ref_bos=4. The reference-BOS "<ref>" begins every memory reference; it
+is a sentencepiece control symbol, so no input text (not even the string "<ref>") encodes to it.
+
+Text is kept exactly: no normalization, no whitespace folding, no dummy prefix, and byte fallback
+for characters outside the vocabulary. So `decode(encode(t)) == t` for every string, and a piece of
+text encodes the same wherever it is cut from, which matters for references encoded on their own.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+from tqdm import tqdm
+
+from memory3.data.text import (DataError, Document, PathLike, ReadStats, iter_documents,
+                               list_files, require_documents)
+
+MODEL_FILE = "tokenizer.model"
+VOCAB_FILE = "tokenizer.vocab"
+PAD_ID, UNK_ID, BOS_ID, EOS_ID, REF_BOS_ID = 0, 1, 2, 3, 4
+REF_BOS_PIECE = "<ref>"
+N_SPECIAL = 5
+# Byte fallback needs one piece per byte value besides the special tokens; sentencepiece also
+# wants a piece per common character, and reports how many when the vocabulary is too small.
+MIN_VOCAB_SIZE = 256 + N_SPECIAL + 1
+MAX_SENTENCE_BYTES = 16384
+# Longer lines are cut for training only: 4 bytes per character at most keeps every piece within
+# MAX_SENTENCE_BYTES, which sentencepiece would otherwise drop whole.
+MAX_SENTENCE_CHARS = MAX_SENTENCE_BYTES // 4
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _training_lines(documents: Iterable[Document], progress: bool) -> Iterator[str]:
+    with tqdm(desc="tokenizer input", unit=" lines", disable=not progress) as bar:
+        for doc in documents:
+            for line in doc.text.splitlines():
+                if line.strip():
+                    bar.update()
+                    yield line[:MAX_SENTENCE_CHARS]
+
+
+def train_tokenizer(inputs: Sequence[PathLike], out_dir: PathLike, vocab_size: int, *,
+                    text_field: str = "text", max_sentences: int = 2_000_000, seed: int = 0,
+                    progress: bool = True) -> Tokenizer:
+    """Train a BPE tokenizer on the documents of `inputs`; write out_dir/tokenizer.model (+ .vocab).
+
+    The whole input is read once, line by line; sentencepiece keeps a uniform sample of
+    `max_sentences` lines (seeded), so every file counts, not just the first. To train faster on a
+    huge corpus, pass a subset of its files.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(f"vocab_size {vocab_size} is too small: byte fallback needs 256 byte "
+                        f"pieces + {N_SPECIAL} special tokens + a piece per common character "
+                        f"(at least {MIN_VOCAB_SIZE}, typically 300 or more)")
+    if max_sentences <= 100:
+        raise DataError(f"max_sentences must be more than 100, got {max_sentences}")
+    out_dir = Path(out_dir)
+    stats = ReadStats()
+    documents = iter_documents(list_files(inputs), text_field, stats)  # list_files raises early
+    # The model comes back in memory: written via model_prefix it would record that (temporary)
+    # path, and the same inputs would not give the same bytes, hence not the same sha256.
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_lines(documents, progress), model_writer=model,
+            model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
+            character_coverage=0.9995, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=False, pad_id=PAD_ID, unk_id=UNK_ID,
+            bos_id=BOS_ID, eos_id=EOS_ID, control_symbols=[REF_BOS_PIECE],
+            input_sentence_size=max_sentences, shuffle_input_sentence=True,
+            max_sentence_length=MAX_SENTENCE_BYTES, num_threads=2, minloglevel=2)
+    except RuntimeError as e:
+        require_documents(stats, inputs)
+        # sentencepiece prefixes the useful sentence with its source location
+        reason = re.sub(r"^.*\]\s*", "", str(e))
+        raise DataError(f"training a tokenizer with vocab_size {vocab_size} on "
+                        f"{stats.documents} documents failed: {reason}") from e
+    require_documents(stats, inputs)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / VOCAB_FILE, vocab.encode())
+    _write_atomic(out_dir / MODEL_FILE, model.getvalue())
+    if progress or stats.undecodable_lines or stats.bad_json_lines:
+        print(f"tokenizer: {stats.summary()}; wrote {out_dir / MODEL_FILE} "
+              f"(vocab_size {vocab_size})")
+    return Tokenizer(out_dir)
+
+
+class Tokenizer:
+    """A trained tokenizer; `Tokenizer(path)` takes tokenizer.model or the folder holding it."""
+
+    pad_id, unk_id, bos_id, eos_id, ref_bos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID, REF_BOS_ID
+
+    def __init__(self, path: PathLike, num_threads: int = 2):
+        path = Path(path)
+        self.path = path / MODEL_FILE if path.is_dir() else path
+        if not self.path.is_file():
+            raise DataError(f"tokenizer model {self.path} does not exist "
+                            f"(train one with train_tokenizer)")
+        model_bytes = self.path.read_bytes()
+        # Shards record this digest so data is never read with a tokenizer it was not made with.
+        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+        self.num_threads = num_threads
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(model_bytes)
+        except (RuntimeError, OSError) as e:
+            raise DataError(f"{self.path} is not a sentencepiece model ({e})") from e
+        self.vocab_size = self._sp.vocab_size()
+        found = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id(),
+                 self._sp.piece_to_id(REF_BOS_PIECE))
+        expected = (PAD_ID, UNK_ID, BOS_ID, EOS_ID, REF_BOS_ID)
+        if found != expected or not self._sp.is_control(REF_BOS_ID):
+            raise DataError(f"{self.path}: special token ids (pad, unk, bos, eos, {REF_BOS_PIECE}) "
+                            f"are {found}, expected {expected} with {REF_BOS_PIECE} a control "
+                            f"symbol; train the tokenizer with memory3's train_tokenizer")
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts), out_type=int, num_threads=self.num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`, leaving out the special tokens (ids below N_SPECIAL)."""
+        return self._sp.decode([int(i) for i in ids if int(i) >= N_SPECIAL])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"

@@ -1,0 +1,124 @@
+"""Checkpoints: DeepSpeed engine checkpoints plus a small JSON that makes them self-describing.
+
+Layout of a run directory:
+    checkpoints/step-00000100/      engine state (model, optimizer, scheduler, client state)
+    checkpoints/step-00000100/memory3.json   recipe (with the model config), step, tokens seen
+
+memory3.json is written last, once every rank has finished writing: a step folder without it is
+an interrupted save and is ignored, so a kill during a save resumes from the previous checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from memory3.config import ModelConfig, Recipe
+from memory3.train.distributed import barrier
+
+TAG_PREFIX = "step-"
+INFO_FILE = "memory3.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_last: int,
+         info: dict[str, Any]):
+    """Save a checkpoint tagged by step on all ranks; rank 0 then prunes all but the last few."""
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    barrier()
+    if engine.global_rank == 0:
+        _write_json(ckpt_dir / tag / INFO_FILE, info)
+        tags = sorted(p.name for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir())
+        for old in tags[:-keep_last]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The newest complete checkpoint's tag (DeepSpeed's own `latest` may name a torn save)."""
+    tags = sorted(p.parent.name for p in ckpt_dir.glob(f"{TAG_PREFIX}*/{INFO_FILE}"))
+    return tags[-1] if tags else None
+
+
+def resolve(path: str | Path) -> tuple[Path, str]:
+    """A run dir, its checkpoints/ dir, or one step-* dir -> (checkpoints dir, tag)."""
+    path = Path(path)
+    if (path / INFO_FILE).exists():
+        return path.parent, path.name
+    for ckpt_dir in (path / "checkpoints", path):
+        tag = latest_tag(ckpt_dir)
+        if tag:
+            return ckpt_dir, tag
+    raise CheckpointError(f"no checkpoint found at {path} (expected a run directory, its "
+                          f"checkpoints/ folder, or a {TAG_PREFIX}* folder containing {INFO_FILE})")
+
+
+def read_info(path: str | Path) -> dict[str, Any]:
+    ckpt_dir, tag = resolve(path)
+    return json.loads((ckpt_dir / tag / INFO_FILE).read_text())
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None):
+    """Load a trained model from a checkpoint without DeepSpeed engines (for eval/generation).
+
+    Returns (model in eval mode, recipe, info dict).
+    """
+    from memory3.model import Transformer
+
+    ckpt_dir, tag = resolve(path)
+    info = json.loads((ckpt_dir / tag / INFO_FILE).read_text())
+    recipe = Recipe.from_dict(info["recipe"])
+    if recipe.train.zero_stage == 3:
+        # Stage 3 leaves only parameter shards; DeepSpeed's converter gathers them.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag)
+    else:
+        states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=False)
+        state = states["module"]
+    model = Transformer(recipe.model)
+    model.load_state_dict(state)
+    return model.to(device=device, dtype=dtype).eval(), recipe, info
+
+
+def model_config(path: str | Path) -> ModelConfig:
+    return Recipe.from_dict(read_info(path)["recipe"]).model
+
+
+def _write_json(path: Path, obj: Any):
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

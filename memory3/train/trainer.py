@@ -1,0 +1,212 @@
+"""The training loop: a DeepSpeed engine around our plain PyTorch model.
+
+One code path for a single process, `deepspeed --num_gpus N` and `torchrun`; every rank runs
+this function and rank 0 alone writes logs and progress.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from memory3.config import ConfigError, Recipe
+from memory3.data import DataError, PackedLoader, TokenShards, iter_eval_batches
+from memory3.model import Transformer
+from memory3.train import checkpoint
+from memory3.train.deepspeed_config import build_deepspeed_config
+from memory3.train.distributed import all_reduce_sum, init_distributed
+from memory3.train.metrics import MetricsLog
+from memory3.train.schedule import lr_multiplier
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: norm gains are scales, decaying them towards 0 only hurts."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def open_data(recipe: Recipe, split: str, required: bool = True) -> TokenShards | None:
+    """The split's shards; None for an optional split that is missing or too small to batch."""
+    if not recipe.data.path:
+        raise ConfigError("data.path is empty: point it at a folder made by `memory3 prepare-data` "
+                          "(e.g. `memory3 train --recipe R data.path=DIR`)")
+    path = Path(recipe.data.path)
+    try:
+        shards = TokenShards(path, split)
+        if not required:
+            iter_eval_batches(shards, recipe.data.seq_len, recipe.train.micro_batch_size, 1)
+    except DataError as e:
+        if required:
+            raise
+        print(f"warning: no validation ({e})")
+        return None
+    if shards.vocab_size > recipe.model.vocab_size:
+        raise ConfigError(f"tokenizer of {path} has {shards.vocab_size} tokens but model.vocab_size "
+                          f"is {recipe.model.vocab_size}; raise model.vocab_size")
+    return shards
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, out_dir: str | Path, *, resume: bool = True,
+                 progress: bool = True):
+        import deepspeed
+
+        self.recipe = recipe.validate()
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.rank, self.world_size, self.device = init_distributed()
+        self.is_main = self.rank == 0
+        self.progress = progress and self.is_main
+        seed_everything(recipe.train.seed)
+
+        self.train_data = open_data(recipe, recipe.data.train_split)
+        self.valid_data = open_data(recipe, recipe.data.valid_split, required=False)
+        self.loader = PackedLoader(self.train_data, recipe.data.seq_len,
+                                   recipe.train.micro_batch_size, rank=self.rank,
+                                   world_size=self.world_size, seed=recipe.data.seed)
+
+        self.ds_config = build_deepspeed_config(recipe, self.world_size)
+        if recipe.train.zero_stage == 3:
+            # Partition parameters as they are created so a model larger than one rank fits.
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+                model = Transformer(recipe.model)
+        else:
+            model = Transformer(recipe.model)
+        schedule = lr_multiplier(recipe.train.max_steps, recipe.optim, recipe.schedule)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, recipe.optim.weight_decay),
+            config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self.grad_accum = self.engine.gradient_accumulation_steps()
+        self.tokens_per_step = recipe.tokens_per_step(self.world_size)
+
+        self.step = 0
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "recipe.json").write_text(_json(recipe.to_dict()))
+        if resume:
+            self._resume()
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.is_main)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _resume(self):
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        if tag is None:
+            return
+        info = checkpoint.read_info(self.ckpt_dir / tag)
+        if info["recipe"]["model"] != self.recipe.model.to_dict():
+            raise ConfigError(f"checkpoint {self.ckpt_dir / tag} was trained with a different model "
+                              f"config; use a new --out directory or the same recipe")
+        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        self.step = client["step"]
+        self.loader.load_state_dict(client["loader"])
+        checkpoint.set_rng_state(client["rng"])
+        if self.is_main:
+            print(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
+
+    def save(self):
+        client = {"step": self.step, "loader": self.loader.state_dict(),
+                  "rng": checkpoint.rng_state(), "recipe": self.recipe.to_dict()}
+        info = {"recipe": self.recipe.to_dict(), "step": self.step,
+                "tokens": self.step * self.tokens_per_step, "world_size": self.world_size,
+                "phase": self.recipe.phase}
+        checkpoint.save(self.engine, self.ckpt_dir, self.step, client,
+                        self.recipe.train.keep_last, info)
+
+    # -- loop --------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        start = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]
+        loss_sum = 0.0
+        for _ in range(self.grad_accum):
+            inputs, targets = self.loader.next_batch()
+            loss = self.engine(inputs.to(self.device), targets.to(self.device)).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += loss.item()
+        loss_sum, = all_reduce_sum([loss_sum], self.device)
+        self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        elapsed = time.perf_counter() - start
+        return {"loss": loss_sum / (self.grad_accum * self.world_size), "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "tokens_per_s": self.tokens_per_step / elapsed}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        if self.valid_data is None:
+            return None
+        self.engine.eval()
+        loss_sum = count = 0.0
+        for inputs, targets in iter_eval_batches(
+                self.valid_data, self.recipe.data.seq_len, self.recipe.train.micro_batch_size,
+                self.recipe.train.eval_batches, rank=self.rank, world_size=self.world_size):
+            loss = self.engine(inputs.to(self.device), targets.to(self.device)).loss
+            loss_sum += loss.item() * targets.numel()
+            count += targets.numel()
+        self.engine.train()
+        loss_sum, count = all_reduce_sum([loss_sum, count], self.device)
+        if count == 0:
+            return None
+        val_loss = loss_sum / count
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    def fit(self) -> dict[str, Any]:
+        t = self.recipe.train
+        if self.step >= t.max_steps:
+            if self.is_main:
+                print(f"nothing to do: checkpoint is at step {self.step} >= train.max_steps "
+                      f"{t.max_steps}")
+            return {"step": self.step}
+        last: dict[str, Any] = {}
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.progress,
+                   desc=f"{self.recipe.name}", unit="step", dynamic_ncols=True)
+        while self.step < t.max_steps:
+            stats = self.train_step()
+            if not math.isfinite(stats["loss"]):
+                raise FloatingPointError(f"loss became {stats['loss']} at step {self.step}")
+            last.update(stats)
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                self.metrics.log(kind="train", step=self.step,
+                                 tokens=self.step * self.tokens_per_step, **stats)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}",
+                            tok_s=f"{stats['tokens_per_s']:.0f}")
+            if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                val = self.evaluate()
+                if val:
+                    last.update(val)
+                    self.metrics.log(kind="eval", step=self.step, **val)
+                    if self.is_main:
+                        bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f} "
+                                  f"val_ppl {val['val_ppl']:.2f}")
+            if self.step % t.save_every == 0 or self.step == t.max_steps:
+                self.save()
+        bar.close()
+        self.metrics.close()
+        last["step"] = self.step
+        return last
+
+
+def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = True,
+          progress: bool = True) -> dict[str, Any]:
+    return Trainer(recipe, out_dir, resume=resume, progress=progress).fit()
+
+
+def _json(obj: Any) -> str:
+    import json
+    return json.dumps(obj, indent=1)
