@@ -21,8 +21,6 @@ def _add_train(sub):
     p.add_argument("--no-resume", action="store_true",
                    help="start from scratch even if the run directory has checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher; we read LOCAL_RANK
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     p.set_defaults(func=cmd_train)
 
@@ -104,6 +102,9 @@ def main(argv: list[str] | None = None):
     from memory3.data import DataError
     from memory3.train.checkpoint import CheckpointError
 
+    argv = sys.argv[1:] if argv is None else argv
+    # The deepspeed launcher appends --local_rank=N; we read LOCAL_RANK from the environment.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -266,12 +266,16 @@ class Recipe:
             except json.JSONDecodeError:
                 value = raw
             *parents, leaf = key.split(".")
-            node = d
+            node, free_form = d, False
             for p in parents:
-                if not isinstance(node.get(p), dict):
+                if free_form:  # inside train.deepspeed: any nesting DeepSpeed understands
+                    node = node.setdefault(p, {})
+                elif isinstance(node.get(p), dict):
+                    node = node[p]
+                else:
                     raise ConfigError(f"override {item!r}: no config section {p!r}")
-                node = node[p]
-            if leaf not in node and not (parents and parents[-1] == "deepspeed"):
+                free_form = free_form or p == "deepspeed"
+            if leaf not in node and not free_form:
                 raise ConfigError(f"override {item!r}: unknown field {key!r}")
             node[leaf] = value
         return Recipe.from_dict(d)

@@ -1,0 +1,36 @@
+"""Shared fixtures: one small real dataset (generated world -> sentencepiece -> shards) per session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memory3.data import prepare_data, train_tokenizer
+from memory3.data.synthetic import make_world, write_world
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """Token shards (train + valid) of a small generated corpus, tokenizer vocab 512 (= tiny)."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    files = write_world(make_world(seed=0, n_entities=60), root / "corpus")
+    tok = train_tokenizer([files["corpus"]], root / "tokenizer", 512, progress=False)
+    prepare_data([files["corpus"]], tok.path, root / "shards", valid_fraction=0.05, progress=False)
+    return root / "shards"
+
+
+def run_memory3(*args: str, check: bool = True, timeout: float = 300,
+                launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run the real `memory3` command in a fresh process (optionally under a launcher)."""
+    cmd = [*launcher, "--module"] if launcher else [sys.executable, "-m"]
+    cmd += ["memory3", *args]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc

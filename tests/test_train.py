@@ -1,0 +1,125 @@
+"""Training: loss goes down, resume after a real kill reproduces, ranks split the batch, dry run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_memory3
+from memory3.config import Recipe
+from memory3.train.checkpoint import load_model, read_info
+from memory3.train.metrics import read_metrics
+from memory3.train.trainer import train
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")
+            if r["kind"] == "train"}
+
+
+def test_tiny_run_learns_and_checkpoints(tiny_data, tmp_path):
+    recipe = Recipe.from_name("tiny-warmup").override(
+        [f"data.path={tiny_data}", "train.max_steps=30", "train.eval_every=30",
+         "train.save_every=10", "train.keep_last=2"])
+    result = train(recipe, tmp_path / "run", progress=False)
+    losses = train_losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 31))
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (28, 29, 30)) / 3
+    assert last < first - 1.5, (first, last)
+    assert result["val_ppl"] < 100  # from ~512 (uniform over the vocabulary) at the start
+
+    tags = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert tags == ["step-00000020", "step-00000030"]  # keep_last=2 pruned step 10
+    info = read_info(tmp_path / "run")
+    assert info["step"] == 30 and info["recipe"]["model"]["name"] == "tiny"
+    # The checkpoint loads without DeepSpeed and reproduces the logged validation loss.
+    model, loaded_recipe, _ = load_model(tmp_path / "run")
+    assert loaded_recipe.model == recipe.model
+    from memory3.data import TokenShards, iter_eval_batches
+    valid = TokenShards(tiny_data, "valid")
+    total = count = 0.0
+    for x, y in iter_eval_batches(valid, recipe.data.seq_len, recipe.train.micro_batch_size,
+                                  recipe.train.eval_batches):
+        with torch.no_grad():
+            total += model(x, y).loss.item() * y.numel()
+        count += y.numel()
+    assert abs(total / count - result["val_loss"]) < 1e-4
+
+
+def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--recipe", "tiny-warmup", "--out", str(out), "--no-progress",
+            f"data.path={data}", "train.max_steps=40", "train.save_every=5",
+            "train.eval_every=1000", "train.keep_last=3", *extra]
+
+
+def test_resume_after_sigkill_reproduces_losses(tiny_data, tmp_path):
+    run_memory3(*_train_args(tiny_data, tmp_path / "unbroken"))
+    expected = train_losses(tmp_path / "unbroken")
+
+    killed = tmp_path / "killed"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                            "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.Popen([sys.executable, "-m", "memory3", *_train_args(tiny_data, killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while not list((killed / "checkpoints").glob("step-*/memory3.json")):
+        assert proc.poll() is None and time.time() < deadline, "run ended before a checkpoint"
+        time.sleep(0.01)
+    assert proc.poll() is None, "run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = train_losses(killed)
+    assert max(before) < 40
+
+    out = run_memory3(*_train_args(tiny_data, killed)).stdout
+    assert "resumed from" in out
+    resumed = train_losses(killed)
+    assert sorted(resumed) == sorted(expected)
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
+
+
+@pytest.mark.distributed
+def test_two_ranks_under_deepspeed_launcher_match_one_rank(tiny_data, tmp_path):
+    """2 ranks x micro batch 4 see the same global batches as 1 rank x 8: same losses."""
+    common = ["train.max_steps=6", "train.save_every=3", "train.eval_every=6", "train.zero_stage=2"]
+    run_memory3(*_train_args(tiny_data, tmp_path / "two", *common, "train.micro_batch_size=4"),
+                launcher=["deepspeed", "--num_gpus", "2", "--master_port", "29617"])
+    run_memory3(*_train_args(tiny_data, tmp_path / "one", *common, "train.micro_batch_size=8"))
+    two, one = train_losses(tmp_path / "two"), train_losses(tmp_path / "one")
+    assert sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step
+    ckpt = tmp_path / "two" / "checkpoints" / "step-00000006"
+    assert {p.name for p in ckpt.glob("zero_pp_rank_*_optim_states.pt")} == {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    assert read_info(ckpt)["world_size"] == 2
+    model, _, _ = load_model(tmp_path / "two")
+    assert model(torch.zeros(1, 4, dtype=torch.long)).logits.shape == (1, 4, 512)
+
+
+def test_dry_run_2p4b_reports_reference_size():
+    out = run_memory3("train", "--recipe", "2.4b-warmup", "--dry-run", "--world-size", "64").stdout
+    assert "non-embedding parameters: 2,433,308,800" in out
+    assert "tokens per optimizer step: 4,194,304" in out
+    config = json.loads(out[out.index("{"):])
+    assert config["bf16"] == {"enabled": True} and config["zero_optimization"]["stage"] == 2
+    assert config["train_batch_size"] == 4 * 8 * 64
+
+
+def test_train_without_data_path_is_a_clear_error(tmp_path):
+    proc = run_memory3("train", "--recipe", "tiny-warmup", "--out", str(tmp_path), check=False)
+    assert proc.returncode == 2
+    assert "data.path is empty" in proc.stderr
+
+
+def test_vocab_too_small_for_tokenizer_is_refused(tiny_data, tmp_path):
+    proc = run_memory3(*_train_args(tiny_data, tmp_path, "model.vocab_size=256"), check=False)
+    assert proc.returncode == 2 and "model.vocab_size" in proc.stderr
