@@ -155,6 +155,9 @@ class TrainConfig:
     save_every: int = 50
     keep_last: int = 2
     log_every: int = 1
+    # Start from these weights (a run dir or checkpoint) instead of a fresh init; the optimizer
+    # and schedule start fresh. Ignored once the run has checkpoints of its own (resume wins).
+    init_from: str = ""
     # Extra DeepSpeed config entries merged over the generated dict (e.g. offload settings).
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
@@ -171,8 +174,9 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         self.model.validate()
-        if self.phase not in ("warmup",):
-            raise ConfigError(f"phase must be 'warmup', got {self.phase!r}")
+        from memory3.train.phases import PHASES
+        if self.phase not in PHASES:
+            raise ConfigError(f"phase must be one of {sorted(PHASES)}, got {self.phase!r}")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
                               f"({self.model.max_seq_len})")

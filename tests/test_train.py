@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import run_memory3
-from memory3.config import Recipe
+from memory3.config import ConfigError, Recipe
 from memory3.train.checkpoint import load_model, read_info
 from memory3.train.metrics import read_metrics
 from memory3.train.trainer import train
@@ -24,23 +24,29 @@ def train_losses(run_dir: Path) -> dict[int, float]:
             if r["kind"] == "train"}
 
 
-def test_tiny_run_learns_and_checkpoints(tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory):
     recipe = Recipe.from_name("tiny-warmup").override(
         [f"data.path={tiny_data}", "train.max_steps=30", "train.eval_every=30",
          "train.save_every=10", "train.keep_last=2"])
-    result = train(recipe, tmp_path / "run", progress=False)
-    losses = train_losses(tmp_path / "run")
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    return recipe, run_dir, train(recipe, run_dir, progress=False)
+
+
+def test_tiny_run_learns_and_checkpoints(tiny_run, tiny_data):
+    recipe, run_dir, result = tiny_run
+    losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, 31))
     first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (28, 29, 30)) / 3
     assert last < first - 1.5, (first, last)
     assert result["val_ppl"] < 100  # from ~512 (uniform over the vocabulary) at the start
 
-    tags = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    tags = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
     assert tags == ["step-00000020", "step-00000030"]  # keep_last=2 pruned step 10
-    info = read_info(tmp_path / "run")
+    info = read_info(run_dir)
     assert info["step"] == 30 and info["recipe"]["model"]["name"] == "tiny"
     # The checkpoint loads without DeepSpeed and reproduces the logged validation loss.
-    model, loaded_recipe, _ = load_model(tmp_path / "run")
+    model, loaded_recipe, _ = load_model(run_dir)
     assert loaded_recipe.model == recipe.model
     from memory3.data import TokenShards, iter_eval_batches
     valid = TokenShards(tiny_data, "valid")
@@ -51,6 +57,18 @@ def test_tiny_run_learns_and_checkpoints(tiny_data, tmp_path):
             total += model(x, y).loss.item() * y.numel()
         count += y.numel()
     assert abs(total / count - result["val_loss"]) < 1e-4
+
+
+def test_init_from_starts_where_the_source_run_ended(tiny_run, tmp_path):
+    recipe, run_dir, result = tiny_run
+    follow = recipe.override([f"train.init_from={run_dir}", "train.max_steps=2",
+                              "train.eval_every=100"])
+    train(follow, tmp_path / "follow", progress=False)
+    first = train_losses(tmp_path / "follow")[1]
+    assert first < train_losses(run_dir)[1] - 1.5  # not a fresh init
+    other = recipe.override([f"train.init_from={run_dir}", "model.d_mlp=64"])
+    with pytest.raises(ConfigError, match="config differs"):
+        train(other, tmp_path / "other", progress=False)
 
 
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:

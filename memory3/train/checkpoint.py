@@ -87,14 +87,8 @@ def read_info(path: str | Path) -> dict[str, Any]:
     return json.loads((ckpt_dir / tag / INFO_FILE).read_text())
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None):
-    """Load a trained model from a checkpoint without DeepSpeed engines (for eval/generation).
-
-    Returns (model in eval mode, recipe, info dict).
-    """
-    from memory3.model import Transformer
-
+def load_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], Recipe, dict[str, Any]]:
+    """Model weights of a checkpoint, gathered on the CPU whatever the ZeRO stage."""
     ckpt_dir, tag = resolve(path)
     info = json.loads((ckpt_dir / tag / INFO_FILE).read_text())
     recipe = Recipe.from_dict(info["recipe"])
@@ -106,6 +100,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
                             weights_only=False)
         state = states["module"]
+    return state, recipe, info
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None):
+    """Load a trained model from a checkpoint without DeepSpeed engines (for eval/generation).
+
+    Returns (model in eval mode, recipe, info dict).
+    """
+    from memory3.model import Transformer
+
+    state, recipe, info = load_state_dict(path)
     model = Transformer(recipe.model)
     model.load_state_dict(state)
     return model.to(device=device, dtype=dtype).eval(), recipe, info

@@ -16,12 +16,12 @@ import torch
 from tqdm.auto import tqdm
 
 from memory3.config import ConfigError, Recipe
-from memory3.data import DataError, PackedLoader, TokenShards, iter_eval_batches
-from memory3.model import Transformer
+from memory3.model import IGNORE_INDEX, Transformer
 from memory3.train import checkpoint
 from memory3.train.deepspeed_config import build_deepspeed_config
 from memory3.train.distributed import all_reduce_sum, init_distributed
 from memory3.train.metrics import MetricsLog
+from memory3.train.phases import make_phase
 from memory3.train.schedule import lr_multiplier
 
 
@@ -39,27 +39,6 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def open_data(recipe: Recipe, split: str, required: bool = True) -> TokenShards | None:
-    """The split's shards; None for an optional split that is missing or too small to batch."""
-    if not recipe.data.path:
-        raise ConfigError("data.path is empty: point it at a folder made by `memory3 prepare-data` "
-                          "(e.g. `memory3 train --recipe R data.path=DIR`)")
-    path = Path(recipe.data.path)
-    try:
-        shards = TokenShards(path, split)
-        if not required:
-            iter_eval_batches(shards, recipe.data.seq_len, recipe.train.micro_batch_size, 1)
-    except DataError as e:
-        if required:
-            raise
-        print(f"warning: no validation ({e})")
-        return None
-    if shards.vocab_size > recipe.model.vocab_size:
-        raise ConfigError(f"tokenizer of {path} has {shards.vocab_size} tokens but model.vocab_size "
-                          f"is {recipe.model.vocab_size}; raise model.vocab_size")
-    return shards
-
-
 class Trainer:
     def __init__(self, recipe: Recipe, out_dir: str | Path, *, resume: bool = True,
                  progress: bool = True):
@@ -73,19 +52,10 @@ class Trainer:
         self.progress = progress and self.is_main
         seed_everything(recipe.train.seed)
 
-        self.train_data = open_data(recipe, recipe.data.train_split)
-        self.valid_data = open_data(recipe, recipe.data.valid_split, required=False)
-        self.loader = PackedLoader(self.train_data, recipe.data.seq_len,
-                                   recipe.train.micro_batch_size, rank=self.rank,
-                                   world_size=self.world_size, seed=recipe.data.seed)
+        self.phase = make_phase(recipe, self.rank, self.world_size, self.device)
 
         self.ds_config = build_deepspeed_config(recipe, self.world_size)
-        if recipe.train.zero_stage == 3:
-            # Partition parameters as they are created so a model larger than one rank fits.
-            with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
-                model = Transformer(recipe.model)
-        else:
-            model = Transformer(recipe.model)
+        model = self._build_model(resume)
         schedule = lr_multiplier(recipe.train.max_steps, recipe.optim, recipe.schedule)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, recipe.optim.weight_decay),
@@ -102,6 +72,26 @@ class Trainer:
             self._resume()
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.is_main)
 
+    def _build_model(self, resume: bool) -> Transformer:
+        import deepspeed
+
+        init_from = self.recipe.train.init_from
+        if init_from and not (resume and checkpoint.latest_tag(self.ckpt_dir)):
+            state, source, _ = checkpoint.load_state_dict(init_from)
+            if source.model != self.recipe.model:
+                raise ConfigError(f"train.init_from={init_from} holds a {source.model.name!r} model "
+                                  f"whose config differs from this recipe's model section")
+            model = Transformer(self.recipe.model)
+            model.load_state_dict(state)
+            if self.is_main:
+                print(f"initialised weights from {init_from}")
+            return model
+        if self.recipe.train.zero_stage == 3:
+            # Partition parameters as they are created so a model larger than one rank fits.
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+                return Transformer(self.recipe.model)
+        return Transformer(self.recipe.model)
+
     # -- checkpoints -------------------------------------------------------------------------
     def _resume(self):
         tag = checkpoint.latest_tag(self.ckpt_dir)
@@ -113,13 +103,13 @@ class Trainer:
                               f"config; use a new --out directory or the same recipe")
         _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         self.step = client["step"]
-        self.loader.load_state_dict(client["loader"])
+        self.phase.load_state_dict(client["phase"])
         checkpoint.set_rng_state(client["rng"])
         if self.is_main:
             print(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
 
     def save(self):
-        client = {"step": self.step, "loader": self.loader.state_dict(),
+        client = {"step": self.step, "phase": self.phase.state_dict(),
                   "rng": checkpoint.rng_state(), "recipe": self.recipe.to_dict()}
         info = {"recipe": self.recipe.to_dict(), "step": self.step,
                 "tokens": self.step * self.tokens_per_step, "world_size": self.world_size,
@@ -133,8 +123,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         loss_sum = 0.0
         for _ in range(self.grad_accum):
-            inputs, targets = self.loader.next_batch()
-            loss = self.engine(inputs.to(self.device), targets.to(self.device)).loss
+            loss = self.phase.train_loss(self.engine, self.phase.next_batch())
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.item()
@@ -148,16 +137,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
-        if self.valid_data is None:
-            return None
         self.engine.eval()
         loss_sum = count = 0.0
-        for inputs, targets in iter_eval_batches(
-                self.valid_data, self.recipe.data.seq_len, self.recipe.train.micro_batch_size,
-                self.recipe.train.eval_batches, rank=self.rank, world_size=self.world_size):
-            loss = self.engine(inputs.to(self.device), targets.to(self.device)).loss
-            loss_sum += loss.item() * targets.numel()
-            count += targets.numel()
+        for batch in self.phase.eval_batches():
+            n = (batch["targets"] != IGNORE_INDEX).sum().item()
+            loss_sum += self.phase.forward(self.engine, batch).loss.item() * n
+            count += n
         self.engine.train()
         loss_sum, count = all_reduce_sum([loss_sum, count], self.device)
         if count == 0:
