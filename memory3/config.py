@@ -40,10 +40,18 @@ class ModelConfig:
     # Which layers read explicit memories: "first_half", "middle_half", "all", "none",
     # or an explicit list of layer indices.
     memory_layers: str | list[int] = "first_half"
+    # Explicit-memory format (SPEC section 1): a reference of at most `reference_len` tokens
+    # (reference-BOS included) keeps its `memory_top_k` most attended tokens per memory layer and
+    # KV head; the context reads `memories_per_chunk` memories per `chunk_len`-token chunk.
+    memory_top_k: int = 8
+    reference_len: int = 128
+    chunk_len: int = 64
+    memories_per_chunk: int = 5
 
     def validate(self) -> "ModelConfig":
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim",
-                     "d_mlp", "max_seq_len"):
+                     "d_mlp", "max_seq_len", "memory_top_k", "reference_len", "chunk_len",
+                     "memories_per_chunk"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
@@ -51,6 +59,9 @@ class ModelConfig:
                               f"model.n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"model.head_dim must be even for rotary positions, got {self.head_dim}")
+        if not self.memory_top_k < self.reference_len <= self.max_seq_len:
+            raise ConfigError(f"need model.memory_top_k ({self.memory_top_k}) < model.reference_len "
+                              f"({self.reference_len}) <= model.max_seq_len ({self.max_seq_len})")
         self.memory_layer_ids  # raises on a bad spec
         return self
 
@@ -140,6 +151,13 @@ class ScheduleConfig:
 
 
 @dataclass
+class MemDecConfig:
+    """Memory Decoder distillation (phase "memdec", SPEC section 2)."""
+    targets: str = ""           # a folder written by `memory3 memdec build-targets`
+    beta: float = 0.5           # loss = beta * KL(p_kNN || p_dec) + (1 - beta) * CE
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 100
     micro_batch_size: int = 8
@@ -171,6 +189,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    memdec: MemDecConfig = field(default_factory=MemDecConfig)
 
     def validate(self) -> "Recipe":
         self.model.validate()
@@ -222,11 +241,10 @@ class Recipe:
             model = {"preset": model}
         preset = model.pop("preset", None)
         recipe = _from_dict(cls, {k: v for k, v in d.items()
-                                  if k not in ("data", "optim", "schedule", "train")}, "recipe")
+                                  if k not in SECTIONS}, "recipe")
         recipe.model = (ModelConfig.from_name(preset, **model) if preset
                         else ModelConfig.from_dict(model))
-        for section, typ in (("data", DataConfig), ("optim", OptimConfig),
-                             ("schedule", ScheduleConfig), ("train", TrainConfig)):
+        for section, typ in SECTIONS.items():
             setattr(recipe, section, _from_dict(typ, d.get(section, {}), section))
         return recipe.validate()
 
@@ -283,6 +301,10 @@ class Recipe:
                 raise ConfigError(f"override {item!r}: unknown field {key!r}")
             node[leaf] = value
         return Recipe.from_dict(d)
+
+
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
+            "train": TrainConfig, "memdec": MemDecConfig}
 
 
 def list_recipes() -> list[str]:

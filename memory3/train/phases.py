@@ -21,6 +21,7 @@ Batch = dict[str, torch.Tensor]
 # phase name -> "module:Class"; imported on use so a phase's dependencies load only when needed.
 PHASES = {
     "warmup": "memory3.train.phases:WarmupPhase",
+    "memdec": "memory3.memdec.phase:MemDecPhase",
 }
 
 
