@@ -59,9 +59,9 @@ class ModelConfig:
                               f"model.n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"model.head_dim must be even for rotary positions, got {self.head_dim}")
-        if not self.memory_top_k < self.reference_len <= self.max_seq_len:
-            raise ConfigError(f"need model.memory_top_k ({self.memory_top_k}) < model.reference_len "
-                              f"({self.reference_len}) <= model.max_seq_len ({self.max_seq_len})")
+        if not self.memory_top_k < self.reference_len:
+            raise ConfigError(f"model.memory_top_k ({self.memory_top_k}) must be smaller than "
+                              f"model.reference_len ({self.reference_len})")
         self.memory_layer_ids  # raises on a bad spec
         return self
 

@@ -53,8 +53,9 @@ class Transformer(nn.Module):
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (length, head_dim) for positions start.., cast once to the activations' dtype."""
         if self._rope is None or self._rope[0].device != device:
-            self._rope = rotary_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
-                                       device)
+            # References are encoded at positions 0..reference_len-1 even if contexts are shorter.
+            length = max(self.cfg.max_seq_len, self.cfg.reference_len)
+            self._rope = rotary_tables(self.cfg.head_dim, length, self.cfg.rope_theta, device)
         cos, sin = self._rope
         return cos[start:start + length].to(dtype), sin[start:start + length].to(dtype)
 
