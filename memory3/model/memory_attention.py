@@ -1,0 +1,115 @@
+"""Memory attention: the context reads retrieved memories inside its own softmax (SPEC 1).
+
+In every layer a query sees [its chunk's block] + [the causal context]. A chunk's block is the
+reference-BOS key/value (an attention sink) followed, in memory layers only, by the M*K kept tokens
+of the M memories retrieved for that chunk. Blocks of other chunks are masked out, so a chunk never
+sees another chunk's memories.
+
+Positions (SPEC 1b, our decision): stored memory keys carry the rotary positions 0..R-1 they had in
+their reference (R = reference_len). At read time the block of the chunk starting at position s is
+rotated by s - R, which places the reference just before its chunk, as if its text had been put in
+front of it. Rotations compose, so this costs one rotation of the block's keys; every chunk then
+sees its memories at the same relative distances, identically in training, evaluation and
+generation, whatever the chunk's absolute position.
+
+Shapes: B batch, C chunks, M memories per chunk, K kept tokens per memory, G KV heads, H query
+heads, D head dim, T queries, S context keys, Sm = 1 + M*K slots per chunk block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ChunkMemories:
+    """The memories read by a run of consecutive chunks of the input.
+
+    kv:     (B, C, M, L_mem, 2, G, K, D) memories as stored: keys rotated at reference positions.
+    valid:  (B, C, M, K) bool, True where a slot holds a kept token. The same for every memory
+            layer and head (`compact_slots` makes it so), which keeps the mask one per batch row.
+    sink:   (n_layers, 2, G, D) key/value of the reference-BOS token at position 0.
+    first_chunk: index in the sequence of chunk 0 of kv; chunk c covers positions
+            [(first_chunk + c) * chunk_len, (first_chunk + c + 1) * chunk_len).
+    """
+    kv: torch.Tensor
+    valid: torch.Tensor
+    sink: torch.Tensor
+    first_chunk: int = 0
+
+
+def compact_slots(kv: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move empty slots (position 0) to the end of each (layer, head) and zero them.
+
+    kv (..., L_mem, 2, G, K, D), positions (..., L_mem, G, K) -> kv, valid (..., K).
+    A reference with n < K selectable tokens has n kept tokens in every layer and head, so after
+    compaction the empty slots are the same for all of them and one mask per memory suffices.
+    """
+    valid = positions > 0
+    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)  # valid slots first
+    valid = torch.gather(valid, -1, order)
+    idx = order[..., None].unsqueeze(-4).expand(*kv.shape[:-4], 2, *order.shape[-2:], kv.shape[-1])
+    kv = torch.gather(kv, -2, idx) * valid[..., None].unsqueeze(-4).to(kv.dtype)
+    slot_valid = valid[..., 0, 0, :]
+    if not torch.equal(valid, slot_valid[..., None, None, :].expand_as(valid)):
+        raise ValueError("memories keep different numbers of tokens in different layers or heads")
+    return kv, slot_valid
+
+
+def rotate_by(x: torch.Tensor, delta: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate x (..., n, Sm, D) by delta (n,) positions (may be negative), rotate-half layout."""
+    D = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+    angles = delta.to(torch.float32)[:, None] * inv_freq           # (n, D/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None, :]        # (n, 1, D)
+    half = D // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * angles.cos() + rotated.float() * angles.sin()).to(x.dtype)
+
+
+def chunk_blocks(mem: ChunkMemories, layer: int, memory_slot: int | None, chunk_len: int,
+                 reference_len: int, theta: float):
+    """Key/value blocks of every chunk for one layer.
+
+    memory_slot is the layer's index among the memory layers, or None for a layer that reads only
+    the sink. Returns k, v (B, G, C, Sm, D) with keys moved before their chunk, and valid (B, C, Sm).
+    """
+    B, C = mem.valid.shape[:2]
+    sink = mem.sink[layer].to(mem.kv.dtype)                          # (2, G, D)
+    G, D = sink.shape[1:]
+    sink = sink[None, :, :, None, None, :].expand(B, 2, G, C, 1, D)
+    valid = torch.ones(B, C, 1, dtype=torch.bool, device=mem.valid.device)
+    if memory_slot is None:
+        block = sink
+    else:
+        kv = mem.kv[:, :, :, memory_slot]                             # (B, C, M, 2, G, K, D)
+        kv = kv.permute(0, 3, 4, 1, 2, 5, 6).flatten(4, 5)           # (B, 2, G, C, M*K, D)
+        block = torch.cat([sink, kv], dim=4)
+        valid = torch.cat([valid, mem.valid.flatten(2, 3)], dim=2)
+    starts = (torch.arange(C, device=block.device) + mem.first_chunk) * chunk_len
+    k = rotate_by(block[:, 0], starts - reference_len, theta)
+    return k, block[:, 1], valid
+
+
+def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks, q_start: int,
+                     first_chunk: int, chunk_len: int) -> torch.Tensor:
+    """Attention of q (B, H, T, D) at positions q_start.. over [own chunk block; causal context].
+
+    k, v (B, G, S, D) are the context keys/values of positions 0..S-1 (S = q_start + T);
+    blocks = chunk_blocks(...) for the chunks that the queries fall in.
+    """
+    block_k, block_v, block_valid = blocks
+    B, G, C, Sm, D = block_k.shape
+    T, S = q.shape[2], k.shape[2]
+    q_pos = torch.arange(q_start, q_start + T, device=q.device)
+    q_chunk = q_pos // chunk_len - first_chunk                       # (T,)
+    own = q_chunk[:, None, None] == torch.arange(C, device=q.device)[None, :, None]  # (T, C, 1)
+    mem_mask = (own[None] & block_valid[:, None]).flatten(2)         # (B, T, C*Sm)
+    causal = q_pos[:, None] >= torch.arange(S, device=q.device)[None, :]
+    mask = torch.cat([mem_mask, causal[None].expand(B, T, S)], dim=-1)[:, None]
+    keys = torch.cat([block_k.flatten(2, 3), k], dim=2)
+    values = torch.cat([block_v.flatten(2, 3), v], dim=2)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                          enable_gqa=q.shape[1] != G)

@@ -1,0 +1,123 @@
+"""Memory attention against a plain loop-over-queries reference; chunk isolation; slot masks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from memory3.model.memory_attention import (ChunkMemories, chunk_blocks, compact_slots,
+                                            memory_attention)
+
+THETA = 10000.0
+
+
+def rope(x: torch.Tensor, pos: int) -> torch.Tensor:
+    """Rotary of one vector x (D,) at integer position pos, written independently."""
+    D = x.shape[-1]
+    out = torch.empty_like(x)
+    for i in range(D // 2):
+        a = pos / THETA ** (2 * i / D)
+        x1, x2 = x[i], x[i + D // 2]
+        out[i], out[i + D // 2] = x1 * math.cos(a) - x2 * math.sin(a), x2 * math.cos(a) + x1 * math.sin(a)
+    return out
+
+
+def naive(q, k, v, mem, layer, slot, q_start, chunk_len, ref_len):
+    """Loop over batch, heads and queries; list the keys each query may see."""
+    B, H, T, D = q.shape
+    G = k.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            g = h // (H // G)
+            for t in range(T):
+                pos = q_start + t
+                chunk = pos // chunk_len
+                shift = chunk * chunk_len - ref_len
+                c = chunk - mem.first_chunk
+                keys, vals = [rope(mem.sink[layer, 0, g], shift)], [mem.sink[layer, 1, g]]
+                if slot is not None:
+                    for m in range(mem.kv.shape[2]):
+                        for s in range(mem.kv.shape[-2]):
+                            if mem.valid[b, c, m, s]:
+                                # stored keys sit at their reference position; shift composes
+                                keys.append(rope(mem.kv[b, c, m, slot, 0, g, s], shift))
+                                vals.append(mem.kv[b, c, m, slot, 1, g, s])
+                for j in range(pos + 1):
+                    keys.append(k[b, g, j])
+                    vals.append(v[b, g, j])
+                scores = torch.stack(keys) @ q[b, h, t] / math.sqrt(D)
+                out[b, h, t] = torch.softmax(scores, 0) @ torch.stack(vals)
+    return out
+
+
+def random_memories(B=2, C=3, M=2, L_mem=2, G=2, K=3, D=8, n_layers=3, first_chunk=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(B, C, M, L_mem, 2, G, K, D, generator=g)
+    valid = torch.rand(B, C, M, K, generator=g) > 0.3
+    valid[..., 0] = True
+    kv = kv * valid[:, :, :, None, None, None, :, None]
+    return ChunkMemories(kv=kv, valid=valid, sink=torch.randn(n_layers, 2, G, D, generator=g),
+                         first_chunk=first_chunk)
+
+
+@pytest.mark.parametrize("slot", [None, 1])
+@pytest.mark.parametrize("q_start, T, first_chunk", [(0, 12, 0), (5, 7, 1), (11, 1, 2)])
+def test_matches_naive_reference(slot, q_start, T, first_chunk):
+    chunk_len, ref_len, H, G, D = 4, 6, 4, 2, 8
+    n_chunks = (q_start + T - 1) // chunk_len - first_chunk + 1
+    mem = random_memories(C=n_chunks, first_chunk=first_chunk)
+    g = torch.Generator().manual_seed(1)
+    S = q_start + T
+    q = torch.randn(2, H, T, D, generator=g)
+    k, v = torch.randn(2, G, S, D, generator=g), torch.randn(2, G, S, D, generator=g)
+    blocks = chunk_blocks(mem, 1, slot, chunk_len, ref_len, THETA)
+    out = memory_attention(q, k, v, blocks, q_start, first_chunk, chunk_len)
+    torch.testing.assert_close(out, naive(q, k, v, mem, 1, slot, q_start, chunk_len, ref_len),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_a_chunk_never_sees_another_chunks_memories():
+    chunk_len, ref_len = 4, 6
+    mem = random_memories(C=3)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g),
+               torch.randn(2, 2, 12, 8, generator=g))
+    base = memory_attention(q, k, v, chunk_blocks(mem, 0, 0, chunk_len, ref_len, THETA), 0, 0, 4)
+    mem.kv[:, 1] += 5.0  # change only chunk 1's memories
+    changed = memory_attention(q, k, v, chunk_blocks(mem, 0, 0, chunk_len, ref_len, THETA), 0, 0, 4)
+    torch.testing.assert_close(changed[:, :, :4], base[:, :, :4])
+    torch.testing.assert_close(changed[:, :, 8:], base[:, :, 8:])
+    assert not torch.allclose(changed[:, :, 4:8], base[:, :, 4:8])
+
+
+def test_empty_slots_are_invisible():
+    """Garbage in masked slots must not change anything."""
+    mem = random_memories(C=3)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g),
+               torch.randn(2, 2, 12, 8, generator=g))
+    base = memory_attention(q, k, v, chunk_blocks(mem, 0, 1, 4, 6, THETA), 0, 0, 4)
+    mem.kv.masked_fill_(~mem.valid[:, :, :, None, None, None, :, None], 1e4)
+    torch.testing.assert_close(
+        memory_attention(q, k, v, chunk_blocks(mem, 0, 1, 4, 6, THETA), 0, 0, 4), base)
+
+
+def test_compact_slots_moves_empty_slots_last():
+    g = torch.Generator().manual_seed(4)
+    kv = torch.randn(5, 2, 2, 3, 4, 8, generator=g)         # (N, L_mem, 2, G, K, D)
+    positions = torch.randint(1, 100, (5, 2, 3, 4), generator=g)
+    positions[1, :, :, 0] = 0                                  # one empty slot per head, first
+    positions[2, :, 0, 1:] = 0                                 # three empty, all heads alike below
+    positions[2, :, 1:, :3] = 0
+    kv_c, valid = compact_slots(kv, positions)
+    assert valid.tolist()[1] == [True, True, True, False]
+    assert valid.tolist()[2] == [True, False, False, False]
+    torch.testing.assert_close(kv_c[1, :, :, :, :3], kv[1, :, :, :, 1:])
+    torch.testing.assert_close(kv_c[2, :, :, 0, 0], kv[2, :, :, 0, 0])
+    torch.testing.assert_close(kv_c[2, :, :, 1:, 0], kv[2, :, :, 1:, 3])
+    assert (kv_c[1, :, :, :, 3] == 0).all()
+    positions[3, 0, 0, 0] = 0                                  # one head keeps fewer tokens
+    with pytest.raises(ValueError, match="different numbers of tokens"):
+        compact_slots(kv, positions)
