@@ -54,8 +54,8 @@ class Transformer(nn.Module):
         """cos/sin (length, head_dim) for positions start.., cast once to the activations' dtype."""
         if self._rope is None or self._rope[0].device != device:
             # References are encoded at positions 0..reference_len-1 even if contexts are shorter.
-            length = max(self.cfg.max_seq_len, self.cfg.reference_len)
-            self._rope = rotary_tables(self.cfg.head_dim, length, self.cfg.rope_theta, device)
+            n = max(self.cfg.max_seq_len, self.cfg.reference_len)
+            self._rope = rotary_tables(self.cfg.head_dim, n, self.cfg.rope_theta, device)
         cos, sin = self._rope
         return cos[start:start + length].to(dtype), sin[start:start + length].to(dtype)
 
