@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from memory3.model.memory_attention import (ChunkMemories, chunk_blocks, compact_slots,
-                                            memory_attention)
+from memory3.model.memory_attention import (ChunkMemories, LayerMemory, chunk_blocks,
+                                            compact_slots, memory_attention)
 
 THETA = 10000.0
 
@@ -73,7 +73,7 @@ def test_matches_naive_reference(slot, q_start, T, first_chunk):
     q = torch.randn(2, H, T, D, generator=g)
     k, v = torch.randn(2, G, S, D, generator=g), torch.randn(2, G, S, D, generator=g)
     blocks = chunk_blocks(mem, 1, slot, chunk_len, ref_len, THETA)
-    out = memory_attention(q, k, v, blocks, q_start, first_chunk, chunk_len)
+    out = memory_attention(q, k, v, LayerMemory(*blocks, q_start, first_chunk, chunk_len))
     torch.testing.assert_close(out, naive(q, k, v, mem, 1, slot, q_start, chunk_len, ref_len),
                                atol=1e-5, rtol=1e-5)
 
@@ -84,9 +84,9 @@ def test_a_chunk_never_sees_another_chunks_memories():
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 4, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g),
                torch.randn(2, 2, 12, 8, generator=g))
-    base = memory_attention(q, k, v, chunk_blocks(mem, 0, 0, chunk_len, ref_len, THETA), 0, 0, 4)
+    base = memory_attention(q, k, v, LayerMemory(*chunk_blocks(mem, 0, 0, chunk_len, ref_len, THETA), 0, 0, 4))
     mem.kv[:, 1] += 5.0  # change only chunk 1's memories
-    changed = memory_attention(q, k, v, chunk_blocks(mem, 0, 0, chunk_len, ref_len, THETA), 0, 0, 4)
+    changed = memory_attention(q, k, v, LayerMemory(*chunk_blocks(mem, 0, 0, chunk_len, ref_len, THETA), 0, 0, 4))
     torch.testing.assert_close(changed[:, :, :4], base[:, :, :4])
     torch.testing.assert_close(changed[:, :, 8:], base[:, :, 8:])
     assert not torch.allclose(changed[:, :, 4:8], base[:, :, 4:8])
@@ -98,10 +98,10 @@ def test_empty_slots_are_invisible():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 4, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g),
                torch.randn(2, 2, 12, 8, generator=g))
-    base = memory_attention(q, k, v, chunk_blocks(mem, 0, 1, 4, 6, THETA), 0, 0, 4)
+    base = memory_attention(q, k, v, LayerMemory(*chunk_blocks(mem, 0, 1, 4, 6, THETA), 0, 0, 4))
     mem.kv.masked_fill_(~mem.valid[:, :, :, None, None, None, :, None], 1e4)
     torch.testing.assert_close(
-        memory_attention(q, k, v, chunk_blocks(mem, 0, 1, 4, 6, THETA), 0, 0, 4), base)
+        memory_attention(q, k, v, LayerMemory(*chunk_blocks(mem, 0, 1, 4, 6, THETA), 0, 0, 4)), base)
 
 
 def test_compact_slots_moves_empty_slots_last():
@@ -121,3 +121,66 @@ def test_compact_slots_moves_empty_slots_last():
     positions[3, 0, 0, 0] = 0                                  # one head keeps fewer tokens
     with pytest.raises(ValueError, match="different numbers of tokens"):
         compact_slots(kv, positions)
+
+
+# ------------------------------------------------------------------ through the whole model
+
+from memory3.config import ModelConfig  # noqa: E402
+from memory3.model import Transformer  # noqa: E402
+
+
+def model_and_memories(n_chunks=3, M=2, sink=True, seed=0):
+    cfg = ModelConfig.from_name("tiny", n_layers=3, memory_layers=[0, 2], chunk_len=8,
+                                reference_len=16, memory_top_k=4, memories_per_chunk=M)
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    L_mem, G, K, D = 2, cfg.n_kv_heads, cfg.memory_top_k, cfg.head_dim
+    kv = torch.randn(2, n_chunks, M, L_mem, 2, G, K, D, generator=g)
+    valid = torch.ones(2, n_chunks, M, K, dtype=torch.bool)
+    valid[:, :, 1, 2:] = False
+    kv = kv * valid[:, :, :, None, None, None, :, None]
+    sink_kv = torch.randn(cfg.n_layers, 2, G, D, generator=g) if sink else None
+    return model, ChunkMemories(kv=kv, valid=valid, sink=sink_kv)
+
+
+@torch.no_grad()
+def test_model_with_empty_memories_equals_plain_model():
+    model, mem = model_and_memories(sink=False)
+    mem.valid[:] = False
+    mem.kv.normal_()  # garbage in masked slots
+    x = torch.randint(0, 512, (2, 24))
+    torch.testing.assert_close(model(x, memory=mem).logits, model(x).logits, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_model_memories_only_reach_their_chunk():
+    model, mem = model_and_memories()
+    x = torch.randint(0, 512, (2, 24))
+    base = model(x, memory=mem).logits
+    assert not torch.allclose(base, model(x).logits)  # memories are read
+    mem.kv[:, 1] *= 3.0
+    out = model(x, memory=mem).logits
+    torch.testing.assert_close(out[:, :8], base[:, :8])  # chunk 0 unaffected by chunk 1's memories
+    assert not torch.allclose(out[:, 8:16], base[:, 8:16])
+
+
+@torch.no_grad()
+def test_kv_cache_decoding_with_memories_matches_full_forward():
+    model, mem = model_and_memories()
+    x = torch.randint(0, 512, (2, 24))
+    full = model(x, memory=mem).logits
+    cache = model.new_cache(2, 24)
+    steps = [model(x[:, :11], cache=cache, memory=ChunkMemories(mem.kv[:, :2], mem.valid[:, :2],
+                                                                 mem.sink)).logits]
+    for t in range(11, 24):
+        c = t // 8
+        chunk_mem = ChunkMemories(mem.kv[:, c:c + 1], mem.valid[:, c:c + 1], mem.sink, first_chunk=c)
+        steps.append(model(x[:, t:t + 1], cache=cache, memory=chunk_mem).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_memories_must_cover_the_queries():
+    model, mem = model_and_memories(n_chunks=2)
+    with pytest.raises(ValueError, match="memories cover chunks 0..1"):
+        model(torch.randint(0, 512, (2, 24)), memory=mem)

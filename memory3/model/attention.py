@@ -10,6 +10,7 @@ from torch import nn
 
 from memory3.config import ModelConfig
 from memory3.model.layers import apply_rotary
+from memory3.model.memory_attention import LayerMemory, memory_attention
 
 
 class KVCache:
@@ -63,19 +64,18 @@ class Attention(nn.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, memory: LayerMemory | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = self.attend(q, k, v)
+        out = self.attend(q, k, v) if memory is None else memory_attention(q, k, v, memory)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of q (B, H, T, D) over k/v (B, G, S, D), the queries being the last T.
 
-        This is the seam where memory layers put retrieved memory keys/values in front of the
-        context inside the same softmax.
+        Without memories; memory_attention.py adds the memory blocks in front of the context.
         """
         T, S = q.shape[2], k.shape[2]
         mask = causal_mask(T, S, q.device)

@@ -18,9 +18,12 @@ heads, D head dim, T queries, S context keys, Sm = 1 + M*K slots per chunk block
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from memory3.config import ModelConfig
 
 
 @dataclass
@@ -30,13 +33,14 @@ class ChunkMemories:
     kv:     (B, C, M, L_mem, 2, G, K, D) memories as stored: keys rotated at reference positions.
     valid:  (B, C, M, K) bool, True where a slot holds a kept token. The same for every memory
             layer and head (`compact_slots` makes it so), which keeps the mask one per batch row.
-    sink:   (n_layers, 2, G, D) key/value of the reference-BOS token at position 0.
+    sink:   (n_layers, 2, G, D) key/value of the reference-BOS token at position 0, or None for
+            no sink (then a layer that reads no memory is plain attention).
     first_chunk: index in the sequence of chunk 0 of kv; chunk c covers positions
             [(first_chunk + c) * chunk_len, (first_chunk + c + 1) * chunk_len).
     """
     kv: torch.Tensor
     valid: torch.Tensor
-    sink: torch.Tensor
+    sink: torch.Tensor | None
     first_chunk: int = 0
 
 
@@ -71,45 +75,67 @@ def rotate_by(x: torch.Tensor, delta: torch.Tensor, theta: float) -> torch.Tenso
 
 def chunk_blocks(mem: ChunkMemories, layer: int, memory_slot: int | None, chunk_len: int,
                  reference_len: int, theta: float):
-    """Key/value blocks of every chunk for one layer.
+    """Key/value blocks of every chunk for one layer, or None when there is nothing to read.
 
     memory_slot is the layer's index among the memory layers, or None for a layer that reads only
     the sink. Returns k, v (B, G, C, Sm, D) with keys moved before their chunk, and valid (B, C, Sm).
     """
     B, C = mem.valid.shape[:2]
-    sink = mem.sink[layer].to(mem.kv.dtype)                          # (2, G, D)
-    G, D = sink.shape[1:]
-    sink = sink[None, :, :, None, None, :].expand(B, 2, G, C, 1, D)
-    valid = torch.ones(B, C, 1, dtype=torch.bool, device=mem.valid.device)
-    if memory_slot is None:
-        block = sink
-    else:
+    parts, valid = [], []
+    if mem.sink is not None:
+        sink = mem.sink[layer].to(mem.kv.dtype)                      # (2, G, D)
+        G, D = sink.shape[1:]
+        parts.append(sink[None, :, :, None, None, :].expand(B, 2, G, C, 1, D))
+        valid.append(torch.ones(B, C, 1, dtype=torch.bool, device=mem.valid.device))
+    if memory_slot is not None:
         kv = mem.kv[:, :, :, memory_slot]                             # (B, C, M, 2, G, K, D)
-        kv = kv.permute(0, 3, 4, 1, 2, 5, 6).flatten(4, 5)           # (B, 2, G, C, M*K, D)
-        block = torch.cat([sink, kv], dim=4)
-        valid = torch.cat([valid, mem.valid.flatten(2, 3)], dim=2)
+        parts.append(kv.permute(0, 3, 4, 1, 2, 5, 6).flatten(4, 5))  # (B, 2, G, C, M*K, D)
+        valid.append(mem.valid.flatten(2, 3))
+    if not parts:
+        return None
+    block = torch.cat(parts, dim=4)
     starts = (torch.arange(C, device=block.device) + mem.first_chunk) * chunk_len
     k = rotate_by(block[:, 0], starts - reference_len, theta)
-    return k, block[:, 1], valid
+    return k, block[:, 1], torch.cat(valid, dim=2)
 
 
-def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks, q_start: int,
-                     first_chunk: int, chunk_len: int) -> torch.Tensor:
+class LayerMemory(NamedTuple):
+    """What one layer's attention reads besides its context: blocks for the queries' chunks."""
+    k: torch.Tensor          # (B, G, C, Sm, D), keys already moved before their chunk
+    v: torch.Tensor          # (B, G, C, Sm, D)
+    valid: torch.Tensor      # (B, C, Sm)
+    q_start: int             # position of the first query
+    first_chunk: int
+    chunk_len: int
+
+
+def layer_memory(mem: ChunkMemories, layer: int, cfg: ModelConfig,
+                 q_start: int) -> LayerMemory | None:
+    ids = cfg.memory_layer_ids
+    slot = ids.index(layer) if layer in ids else None
+    blocks = chunk_blocks(mem, layer, slot, cfg.chunk_len, cfg.reference_len, cfg.rope_theta)
+    return None if blocks is None else LayerMemory(*blocks, q_start, mem.first_chunk, cfg.chunk_len)
+
+
+def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mem: LayerMemory) -> torch.Tensor:
     """Attention of q (B, H, T, D) at positions q_start.. over [own chunk block; causal context].
 
-    k, v (B, G, S, D) are the context keys/values of positions 0..S-1 (S = q_start + T);
-    blocks = chunk_blocks(...) for the chunks that the queries fall in.
+    k, v (B, G, S, D) are the context keys/values of positions 0..S-1 (S = q_start + T).
     """
-    block_k, block_v, block_valid = blocks
-    B, G, C, Sm, D = block_k.shape
+    B, G, C, Sm, D = mem.k.shape
     T, S = q.shape[2], k.shape[2]
-    q_pos = torch.arange(q_start, q_start + T, device=q.device)
-    q_chunk = q_pos // chunk_len - first_chunk                       # (T,)
+    q_pos = torch.arange(mem.q_start, mem.q_start + T, device=q.device)
+    q_chunk = q_pos // mem.chunk_len - mem.first_chunk               # (T,)
+    if q_chunk[0] < 0 or q_chunk[-1] >= C:
+        raise ValueError(f"memories cover chunks {mem.first_chunk}..{mem.first_chunk + C - 1} but "
+                         f"the queries fall in chunks {int(q_chunk[0]) + mem.first_chunk}.."
+                         f"{int(q_chunk[-1]) + mem.first_chunk}")
     own = q_chunk[:, None, None] == torch.arange(C, device=q.device)[None, :, None]  # (T, C, 1)
-    mem_mask = (own[None] & block_valid[:, None]).flatten(2)         # (B, T, C*Sm)
+    mem_mask = (own[None] & mem.valid[:, None]).flatten(2)           # (B, T, C*Sm)
     causal = q_pos[:, None] >= torch.arange(S, device=q.device)[None, :]
     mask = torch.cat([mem_mask, causal[None].expand(B, T, S)], dim=-1)[:, None]
-    keys = torch.cat([block_k.flatten(2, 3), k], dim=2)
-    values = torch.cat([block_v.flatten(2, 3), v], dim=2)
+    keys = torch.cat([mem.k.flatten(2, 3), k], dim=2)
+    values = torch.cat([mem.v.flatten(2, 3), v], dim=2)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                           enable_gqa=q.shape[1] != G)

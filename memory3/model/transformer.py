@@ -11,6 +11,7 @@ from torch import nn
 from memory3.config import ModelConfig
 from memory3.model.attention import Attention, KVCache
 from memory3.model.layers import GatedMLP, RMSNorm, rotary_tables
+from memory3.model.memory_attention import ChunkMemories, layer_memory
 
 IGNORE_INDEX = -100
 
@@ -23,8 +24,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = GatedMLP(cfg.d_model, cfg.d_mlp)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache=None, memory=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, memory)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -73,10 +74,13 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: KVCache | None = None) -> ModelOutput:
+                cache: KVCache | None = None,
+                memory: ChunkMemories | None = None) -> ModelOutput:
         """tokens (B, T) -> logits (B, T, vocab); loss when targets (B, T) are given.
 
-        With a cache, tokens continue the cached sequence at position `cache.length`.
+        With a cache, tokens continue the cached sequence at position `cache.length`. With
+        memory, every layer reads the reference-BOS sink and memory layers read the memories of
+        each query's chunk (memory_attention.py); memory=None is plain causal attention.
         """
         T = tokens.shape[1]
         start = cache.length if cache is not None else 0
@@ -85,8 +89,9 @@ class Transformer(nn.Module):
                              f"{self.cfg.max_seq_len}")
         x = self.embed(tokens)
         cos, sin = self.rotary(start, T, x.device, x.dtype)
-        for block in self.blocks:
-            x = block(x, cos, sin, cache)
+        for i, block in enumerate(self.blocks):
+            read = None if memory is None else layer_memory(memory, i, self.cfg, start)
+            x = block(x, cos, sin, cache, read)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.norm(x))
