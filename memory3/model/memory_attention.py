@@ -122,7 +122,19 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Attention of q (B, H, T, D) at positions q_start.. over [own chunk block; causal context].
 
     k, v (B, G, S, D) are the context keys/values of positions 0..S-1 (S = q_start + T).
+    On CUDA without autograd (evaluation, generation) the fused Triton kernel runs; it has no
+    backward, so training takes the PyTorch path below.
     """
+    if q.is_cuda and not (torch.is_grad_enabled() and q.requires_grad):
+        from memory3.kernels import memory_attention as kernels
+        if kernels.available():
+            return kernels.fused_memory_attention(q, k, v, mem)
+    return memory_attention_torch(q, k, v, mem)
+
+
+def memory_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mem: LayerMemory) -> torch.Tensor:
+    """The reference path: one SDPA call over [all chunk blocks; context] with a block mask."""
     B, G, C, Sm, D = mem.k.shape
     T, S = q.shape[2], k.shape[2]
     q_pos = torch.arange(mem.q_start, mem.q_start + T, device=q.device)
