@@ -1,0 +1,47 @@
+"""The overlap filter: a reference that largely copies the text being predicted is not read.
+
+overlap(ref, text) = LCS(ref, text) / len(ref), on token ids. Continual training drops references
+above 0.9 (the model must not learn to copy its target), evaluation above 2/3 (SPEC 1).
+
+Fast enough for every retrieved reference of every batch: a token-count bound rejects most pairs
+without any DP (an LCS cannot exceed the multiset intersection), and the rest use bit-parallel LCS
+(Hyyrö 2004): one big-integer add/or/and per token of the text, O(len(text)) word operations.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+
+def lcs_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common subsequence of a and b (bit-parallel over a)."""
+    if len(a) == 0 or len(b) == 0:
+        return 0
+    match: dict[int, int] = {}
+    for i, tok in enumerate(a):
+        match[tok] = match.get(tok, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for tok in b:
+        u = v & match.get(tok, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - bin(v).count("1")
+
+
+def overlap(reference: Sequence[int], text: Sequence[int]) -> float:
+    """LCS(reference, text) / len(reference); 0 for an empty reference."""
+    if not reference:
+        return 0.0
+    return lcs_length(reference, text) / len(reference)
+
+
+def exceeds(reference: Sequence[int], text: Sequence[int], threshold: float,
+            text_counts: Counter | None = None) -> bool:
+    """overlap(reference, text) > threshold, skipping the LCS when token counts already rule it out."""
+    if not reference:
+        return False
+    counts = text_counts if text_counts is not None else Counter(text)
+    bound = sum(min(n, counts.get(tok, 0)) for tok, n in Counter(reference).items())
+    if bound <= threshold * len(reference):
+        return False
+    return lcs_length(reference, text) > threshold * len(reference)
