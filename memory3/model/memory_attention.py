@@ -17,7 +17,7 @@ heads, D head dim, T queries, S context keys, Sm = 1 + M*K slots per chunk block
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -42,6 +42,9 @@ class ChunkMemories:
     valid: torch.Tensor
     sink: torch.Tensor | None
     first_chunk: int = 0
+    # Per-layer blocks, kept when no gradient is recorded: decoding reuses one chunk's memories
+    # for up to chunk_len steps and should rotate them once, not once per token.
+    _blocks: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def compact_slots(kv: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +116,14 @@ def layer_memory(mem: ChunkMemories, layer: int, cfg: ModelConfig,
                  q_start: int) -> LayerMemory | None:
     ids = cfg.memory_layer_ids
     slot = ids.index(layer) if layer in ids else None
-    blocks = chunk_blocks(mem, layer, slot, cfg.chunk_len, cfg.reference_len, cfg.rope_theta)
+    # Tensor version counters change on in-place edits, so a cached block is never stale.
+    version = (mem.first_chunk, mem.kv._version, mem.valid._version,
+               None if mem.sink is None else mem.sink._version)
+    cached_version, blocks = mem._blocks.get(layer, (None, None))
+    if cached_version != version:
+        blocks = chunk_blocks(mem, layer, slot, cfg.chunk_len, cfg.reference_len, cfg.rope_theta)
+        if not torch.is_grad_enabled():
+            mem._blocks[layer] = (version, blocks)
     return None if blocks is None else LayerMemory(*blocks, q_start, mem.first_chunk, cfg.chunk_len)
 
 
