@@ -90,9 +90,14 @@ def cmd_quickstart(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from memory3.eval.cli import add_eval_parser, add_generate_parser
+    from memory3.memdec.cli import add_memdec_parser
+    from memory3.memory.cli import add_build_bank_parser
+
     parser = argparse.ArgumentParser(prog="memory3", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_quickstart, _add_train_tokenizer, _add_prepare_data, _add_train):
+    for add in (_add_quickstart, _add_train_tokenizer, _add_prepare_data, _add_train,
+                add_build_bank_parser, add_eval_parser, add_generate_parser, add_memdec_parser):
         add(sub)
     return parser
 
@@ -100,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None):
     from memory3.config import ConfigError
     from memory3.data import DataError
+    from memory3.memory.store import BankError
     from memory3.train.checkpoint import CheckpointError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, BankError) as e:
         print(f"memory3 {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

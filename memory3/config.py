@@ -151,6 +151,19 @@ class ScheduleConfig:
 
 
 @dataclass
+class ContinualConfig:
+    """Continual training with memory (phase "continual", SPEC 1 "Two-phase pretraining")."""
+    bank: str = ""              # a memory bank folder (`memory3 build-bank`) of references
+    # Each chunk retrieves new_per_chunk references with its own text; a chunk reads those of
+    # the previous_chunks chunks before it (causal: never its own), 1 x 5 = 5 memories per chunk.
+    new_per_chunk: int = 1
+    previous_chunks: int = 5
+    overlap_threshold: float = 0.9   # skip references copying the training sequence (LCS ratio)
+    extra_candidates: int = 4   # retrieved beyond need, to replace filtered references
+    write_back: bool = True     # store memories of references the bank has none for (cold)
+
+
+@dataclass
 class MemDecConfig:
     """Memory Decoder distillation (phase "memdec", SPEC section 2)."""
     targets: str = ""           # a folder written by `memory3 memdec build-targets`
@@ -190,12 +203,22 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     memdec: MemDecConfig = field(default_factory=MemDecConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
     def validate(self) -> "Recipe":
         self.model.validate()
         from memory3.train.phases import PHASES
         if self.phase not in PHASES:
             raise ConfigError(f"phase must be one of {sorted(PHASES)}, got {self.phase!r}")
+        if self.phase == "continual":
+            c = self.continual
+            if c.new_per_chunk * c.previous_chunks != self.model.memories_per_chunk:
+                raise ConfigError(
+                    f"continual.new_per_chunk x continual.previous_chunks ({c.new_per_chunk} x "
+                    f"{c.previous_chunks}) must equal model.memories_per_chunk "
+                    f"({self.model.memories_per_chunk})")
+            if not self.model.memory_layer_ids:
+                raise ConfigError("phase 'continual' needs memory layers (model.memory_layers)")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
                               f"({self.model.max_seq_len})")
@@ -304,7 +327,7 @@ class Recipe:
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
-            "train": TrainConfig, "memdec": MemDecConfig}
+            "train": TrainConfig, "memdec": MemDecConfig, "continual": ContinualConfig}
 
 
 def list_recipes() -> list[str]:

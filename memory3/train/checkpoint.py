@@ -117,6 +117,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     return model.to(device=device, dtype=dtype).eval(), recipe, info
 
 
+def load_tokenizer(path: str | Path, tokenizer: str | Path | None = None):
+    """The tokenizer a checkpoint was trained with (found through its recipe's data.path), or
+    the given one."""
+    from memory3.data import DataError, Tokenizer, load_manifest
+
+    if tokenizer is not None:
+        return Tokenizer(tokenizer)
+    recipe = Recipe.from_dict(read_info(path)["recipe"])
+    try:
+        return Tokenizer(load_manifest(recipe.data.path)["tokenizer"]["path"])
+    except (DataError, KeyError) as e:
+        raise CheckpointError(f"cannot find the tokenizer of checkpoint {path} through its "
+                              f"data.path {recipe.data.path!r} ({e}); pass --tokenizer") from e
+
+
 def model_config(path: str | Path) -> ModelConfig:
     return Recipe.from_dict(read_info(path)["recipe"]).model
 

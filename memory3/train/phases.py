@@ -21,6 +21,7 @@ Batch = dict[str, torch.Tensor]
 # phase name -> "module:Class"; imported on use so a phase's dependencies load only when needed.
 PHASES = {
     "warmup": "memory3.train.phases:WarmupPhase",
+    "continual": "memory3.train.continual:ContinualPhase",
     "memdec": "memory3.memdec.phase:MemDecPhase",
 }
 
@@ -75,6 +76,9 @@ class WarmupPhase:
                                     self.recipe.train.eval_batches, rank=self.rank,
                                     world_size=self.world_size)
         return ({"inputs": x.to(self.device), "targets": y.to(self.device)} for x, y in batches)
+
+    def flush(self, step: int, run_dir: Path):
+        """Called at every checkpoint and at the end: persist what the phase produced."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"loader": self.loader.state_dict()}

@@ -114,6 +114,7 @@ class Trainer:
         info = {"recipe": self.recipe.to_dict(), "step": self.step,
                 "tokens": self.step * self.tokens_per_step, "world_size": self.world_size,
                 "phase": self.recipe.phase}
+        self.phase.flush(self.step, self.out_dir)
         checkpoint.save(self.engine, self.ckpt_dir, self.step, client,
                         self.recipe.train.keep_last, info)
 

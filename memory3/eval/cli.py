@@ -1,0 +1,83 @@
+"""`memory3 eval` and `memory3 generate`: a checkpoint with and without its memory bank."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _load(args):
+    import torch
+
+    from memory3.train.checkpoint import load_model, load_tokenizer
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, recipe, info = load_model(args.checkpoint, device=device)
+    tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)
+    bank = None
+    if args.bank:
+        from memory3.memory.bank import MemoryBank
+        bank = MemoryBank.open(args.bank, verify="size")
+        bank.check_model_config(recipe.model, f"checkpoint {args.checkpoint}")
+    return model, recipe, tokenizer, bank
+
+
+def _common(p):
+    p.add_argument("--checkpoint", required=True, help="run dir or checkpoint folder")
+    p.add_argument("--bank", help="memory bank folder (memory3 build-bank)")
+    p.add_argument("--tokenizer", help="tokenizer.model (default: the checkpoint's)")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+
+
+def add_eval_parser(sub):
+    p = sub.add_parser("eval", help="perplexity with and without memory, and with text RAG")
+    _common(p)
+    p.add_argument("--data", nargs="+", required=True, help="text / jsonl files or folders")
+    p.add_argument("--modes", default="none,memory,rag",
+                   help="comma list of none, memory, rag, memory_own_chunk (an upper bound)")
+    p.add_argument("--seq-len", type=int, help="default: the checkpoint's data.seq_len")
+    p.add_argument("--max-sequences", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--json", help="write the results here")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args):
+    from memory3.eval.perplexity import evaluate, text_sequences
+    model, recipe, tokenizer, bank = _load(args)
+    seqs = text_sequences(args.data, tokenizer, args.seq_len or recipe.data.seq_len,
+                          max_sequences=args.max_sequences, text_field=args.text_field)
+    print(f"{len(seqs)} sequences of {seqs.shape[1] - 1} tokens from {', '.join(args.data)}")
+    results = evaluate(model, tokenizer, seqs, args.modes.split(","), bank=bank,
+                       batch_size=args.batch_size, progress=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.json}")
+
+
+def add_generate_parser(sub):
+    p = sub.add_parser("generate", help="generate text, retrieving memories every chunk")
+    _common(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write text and provenance here")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args):
+    from dataclasses import asdict
+
+    from memory3.generate import generate
+    model, _, tokenizer, bank = _load(args)
+    out = generate(model, tokenizer, args.prompt, bank=bank, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    print(args.prompt + out.text)
+    for r in out.retrievals:
+        print(f"\n[chunk {r.chunk}, after {r.position} tokens] retrieved:")
+        for ref in r.references:
+            print(f"  row {ref['row']} ({ref['doc_id']} tokens {ref['start']}-{ref['end']}): "
+                  f"{ref['text'][:100]!r}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(asdict(out), indent=1))

@@ -1,0 +1,129 @@
+"""Perplexity of held-out text without memory, with memory, and with the same references as text.
+
+Modes (all score exactly the same target tokens of the same sequences):
+  none     the model alone.
+  memory   each chunk reads the memories of the references retrieved with the previous chunk's
+           text (causal retrieval, SPEC 1b); references overlapping the evaluated sequence by more
+           than 2/3 are skipped. The headline number.
+  rag      the same references as `memory` (same queries, same filter), given as plain text in
+           front of the chunk's context instead of as memories: the two differ only in how the
+           references are read. One forward per chunk, so it shows what text retrieval costs.
+  memory_own_chunk  an upper bound, clearly not causal: each chunk's own text is the query.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from memory3.data import Tokenizer, iter_documents, require_documents
+from memory3.data.text import ReadStats
+from memory3.memory.encoder import MemoryEncoder
+from memory3.memory.reading import chunk_memories, retrieve_for_chunks
+from memory3.model import Transformer
+
+MODES = ("none", "memory", "rag", "memory_own_chunk")
+EVAL_OVERLAP = 2 / 3
+
+
+def text_sequences(paths: Sequence[str | Path], tokenizer: Tokenizer, seq_len: int, *,
+                   max_sequences: int | None = None, text_field: str = "text") -> torch.Tensor:
+    """Documents of text/jsonl inputs as [BOS] doc [EOS] ..., cut into (N, seq_len + 1) rows."""
+    stats = ReadStats()
+    stream: list[int] = []
+    need = None if max_sequences is None else max_sequences * (seq_len + 1)
+    for doc in iter_documents(paths, text_field=text_field, stats=stats):
+        stream += [tokenizer.bos_id, *tokenizer.encode(doc.text), tokenizer.eos_id]
+        if need is not None and len(stream) >= need:
+            break
+    require_documents(stats, paths)
+    n = len(stream) // (seq_len + 1)
+    if n == 0:
+        raise ValueError(f"{', '.join(map(str, paths))}: {len(stream)} tokens, fewer than one "
+                         f"sequence of {seq_len + 1}")
+    if max_sequences is not None:
+        n = min(n, max_sequences)
+    return torch.tensor(stream[:n * (seq_len + 1)]).view(n, seq_len + 1)
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, tokenizer: Tokenizer, sequences: torch.Tensor,
+             modes: Sequence[str] = ("none",), *, bank=None, batch_size: int = 8,
+             progress: bool = False) -> dict[str, dict]:
+    """{mode: {perplexity, loss, tokens, tokens_per_s, seconds}} for sequences (N, T + 1)."""
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown eval mode(s) {sorted(unknown)}; known: {list(MODES)}")
+    if bank is None and set(modes) - {"none"}:
+        raise ValueError(f"modes {sorted(set(modes) - {'none'})} need a memory bank")
+    model.eval()
+    device = model.embed.weight.device
+    results = {}
+    for mode in modes:
+        start = time.perf_counter()
+        nll = count = 0.0
+        for i in range(0, len(sequences), batch_size):
+            batch = sequences[i:i + batch_size]
+            x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
+            if mode == "none":
+                loss_sum = _nll(model(x).logits, y)
+            elif mode == "rag":
+                loss_sum = _rag_nll(model, bank, tokenizer, x, y)
+            else:
+                loss_sum = _memory_nll(model, bank, tokenizer, x, y, mode == "memory_own_chunk")
+            nll += loss_sum
+            count += y.numel()
+        seconds = time.perf_counter() - start
+        loss = nll / count
+        results[mode] = {"perplexity": math.exp(min(loss, 50.0)), "loss": loss,
+                         "tokens": int(count), "tokens_per_s": count / seconds,
+                         "seconds": seconds}
+        if progress:
+            print(f"{mode:>17}: perplexity {results[mode]['perplexity']:.3f}  "
+                  f"({results[mode]['tokens_per_s']:.0f} tokens/s)", flush=True)
+    return results
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+
+
+def _rows(model, bank, tokenizer, x, own_chunk: bool) -> np.ndarray:
+    cfg = model.cfg
+    return retrieve_for_chunks(bank, tokenizer, x.cpu(), chunk_len=cfg.chunk_len,
+                               k=cfg.memories_per_chunk, overlap_threshold=EVAL_OVERLAP,
+                               own_chunk=own_chunk)
+
+
+def _memory_nll(model, bank, tokenizer, x, y, own_chunk: bool) -> float:
+    sink = MemoryEncoder(model).sink_kv()
+    memory = chunk_memories(bank, _rows(model, bank, tokenizer, x, own_chunk), sink,
+                            device=x.device, dtype=model.embed.weight.dtype)
+    return _nll(model(x, memory=memory).logits, y)
+
+
+def _rag_nll(model, bank, tokenizer, x, y) -> float:
+    """Each chunk is scored after [its references' text; as much preceding context as fits]."""
+    cfg = model.cfg
+    L = cfg.chunk_len
+    rows = _rows(model, bank, tokenizer, x, own_chunk=False)
+    total = 0.0
+    for b in range(x.shape[0]):
+        for c in range(rows.shape[1]):
+            start, end = c * L, min((c + 1) * L, x.shape[1])
+            refs = [t for r in bank.references([r for r in rows[b, c] if r >= 0])
+                    for t in r.tokens]
+            # A model with a short context cannot take every reference: keep the chunk whole,
+            # then the references, then earlier context.
+            refs = refs[:max(0, cfg.max_seq_len - (end - start))]
+            context_start = max(0, end - (cfg.max_seq_len - len(refs)))
+            inputs = torch.tensor([refs], dtype=x.dtype, device=x.device)
+            inputs = torch.cat([inputs, x[b:b + 1, context_start:end]], dim=1)
+            logits = model(inputs).logits[:, -(end - start):]
+            total += _nll(logits, y[b:b + 1, start:end])
+    return total

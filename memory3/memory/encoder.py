@@ -1,0 +1,200 @@
+"""Memory encoder: references -> sparse key/value memories (SPEC section 1, "A reference").
+
+A batch of references (reference-BOS first, right padding) runs through the model as an ordinary
+causal forward, only as deep as the deepest memory layer. At every memory layer and KV head the
+`memory_top_k` tokens that receive the most attention are kept, with their keys and values:
+
+    received[j] = sum over real queries i (the reference-BOS included) and over the query heads of
+                  the KV group of softmax_j(q_i . k_j / sqrt(D)), the softmax over real keys only
+
+with q and k *without* rotary positions and no causal mask. The reference-BOS (position 0) and
+padding are never kept. Kept keys carry rotary at their original position (rotary before selection),
+so a memory reads like the text it came from, at positions 1..L-1.
+
+Decisions (SPEC 1b): the query heads of a KV group are summed. Ties go to the lower position. Slots
+are sorted by position; a reference with fewer than K tokens besides the reference-BOS fills the
+remaining (last) slots with position 0 and zero key/value, which `EncodedMemories.mask` marks empty.
+Selection is a discrete choice, so it never carries gradient; with `grad=True` gradient flows to
+the weights through the kept keys and values.
+
+Shapes: N references, L padded length (<= reference_len), H query heads, G KV heads, R = H / G,
+D head dim, K = memory_top_k, L_mem = number of memory layers.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from memory3.data.tokenizer import REF_BOS_ID
+from memory3.model import Transformer
+from memory3.model.layers import apply_rotary
+
+
+@dataclass
+class EncodedMemories:
+    kv: torch.Tensor         # (N, L_mem, 2, G, K, D): [k, v]; k rotated at its original position
+    positions: torch.Tensor  # (N, L_mem, G, K) long: position in the reference (1..L-1); 0 = empty
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(N, L_mem, G, K) bool: True where a slot holds a token."""
+        return self.positions > 0
+
+    def __len__(self) -> int:
+        return self.kv.shape[0]
+
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> EncodedMemories:
+        """kv to device and dtype; positions stay long and only move."""
+        return EncodedMemories(self.kv.to(device=device, dtype=dtype),
+                               self.positions.to(device=device))
+
+    def __getitem__(self, idx) -> EncodedMemories:
+        """Index the N axis; an int keeps the axis (a batch of one), so shapes stay as documented."""
+        if isinstance(idx, int):
+            idx = [idx]
+        return EncodedMemories(self.kv[idx], self.positions[idx])
+
+
+@torch.no_grad()
+def select_positions(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor,
+                     top_k: int) -> torch.Tensor:
+    """The top_k most attended positions per reference and KV head: (N, G, K) long, ascending,
+    then 0 for empty slots.
+
+    q (N, H, L, D) and k (N, G, L, D) are unrotated; lengths (N,) count the reference-BOS.
+    Scores are computed in fp32 whatever the model's dtype.
+    """
+    N, H, L, D = q.shape
+    G = k.shape[1]
+    R = H // G
+    real = torch.arange(L, device=q.device) < lengths[:, None]              # (N, L)
+    # Query heads g*R .. g*R+R-1 share KV head g (as SDPA's enable_gqa): viewing them as R*L
+    # queries of group g scores a whole layer in one batched matmul without repeating k. baddbmm
+    # applies the scale and the padding mask inside that matmul, not in extra passes over logits.
+    key_bias = torch.zeros(N, L, device=q.device).masked_fill_(~real, float("-inf"))
+    # One copy each, to contiguous fp32 (whatever the model's dtype and q/k's strides).
+    q32, k32 = (torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x) for x in (q, k))
+    logits = torch.baddbmm(key_bias.repeat_interleave(G, dim=0)[:, None, :],         # (N*G, 1, L)
+                           q32.view(N * G, R * L, D), k32.view(N * G, L, D).transpose(1, 2),
+                           alpha=D ** -0.5)
+    probs = logits.softmax(dim=-1)                                          # (N*G, R*L, L)
+    # Attention received from the real queries of all R heads: a vector-matrix product.
+    query_weight = real.float().repeat(1, R).repeat_interleave(G, dim=0)    # (N*G, R*L)
+    received = torch.bmm(query_weight[:, None, :], probs).view(N, G, L)
+    selectable = real.clone()
+    selectable[:, 0] = False                                                # the reference-BOS
+    received.masked_fill_(~selectable[:, None, :], float("-inf"))
+    if L < top_k:
+        received = F.pad(received, (0, top_k - L), value=float("-inf"))
+    # A stable descending sort keeps equal scores in position order: ties go to the lower position.
+    ranked = received.sort(dim=-1, descending=True, stable=True)
+    top_score, top_pos = ranked.values[..., :top_k], ranked.indices[..., :top_k]
+    empty_last = received.shape[-1]  # sorts after every real position
+    pos = torch.where(top_score > float("-inf"), top_pos, empty_last).sort(dim=-1).values
+    return pos.masked_fill(pos == empty_last, 0)
+
+
+def _gather_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x (N, G, L, D), pos (N, G, K) -> (N, G, K, D)."""
+    return x.gather(2, pos[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+
+class MemoryEncoder:
+    """Encodes references with a model's own weights into `EncodedMemories`.
+
+    `ref_bos_id` is only used by `sink_kv`; `encode` takes tokens already packed
+    (see `memory3.memory.references.pack_references`).
+    """
+
+    def __init__(self, model: Transformer, ref_bos_id: int = REF_BOS_ID):
+        self.model = model
+        self.layer_ids = model.cfg.memory_layer_ids
+        if not self.layer_ids:
+            raise ValueError("the model has no memory layers (model.memory_layers is 'none')")
+        self.top_k = model.cfg.memory_top_k
+        self.ref_bos_id = ref_bos_id
+
+    def encode(self, tokens: torch.Tensor, lengths: torch.Tensor, *,
+               grad: bool = False) -> EncodedMemories:
+        """tokens (N, L) long, reference-BOS first and right-padded; lengths (N,) include the BOS.
+
+        grad=False (the default) encodes under no_grad: SPEC 1b's cheaper choice for continual
+        training, and what building a bank needs.
+        """
+        self._check(tokens, lengths)
+        lengths = lengths.to(tokens.device)
+        cos, sin = self._rotary(tokens.shape[1])
+        kv, positions = [], []
+        with torch.set_grad_enabled(grad):
+            for _, q, k, v in self._attention_inputs(tokens, self.layer_ids, cos, sin):
+                pos = select_positions(q, k, lengths, self.top_k)          # (N, G, K)
+                # Rotary is per position, so rotating the kept keys alone equals rotating all of
+                # them and then selecting, bit for bit.
+                k_kept = apply_rotary(_gather_positions(k, pos), cos[pos], sin[pos])
+                layer_kv = torch.stack([k_kept, _gather_positions(v, pos)], dim=1)
+                kv.append(layer_kv.masked_fill((pos == 0)[:, None, :, :, None], 0))
+                positions.append(pos)
+        return EncodedMemories(torch.stack(kv, dim=1), torch.stack(positions, dim=1))
+
+    def sink_kv(self, *, grad: bool = False) -> torch.Tensor:
+        """(n_layers, 2, G, D): key and value of the reference-BOS alone at position 0, at every
+        layer: the attention sink that memory attention puts in front of everything. Depends only
+        on the weights (causal attention: position 0 sees nothing else)."""
+        device = self.model.embed.weight.device
+        tokens = torch.tensor([[self.ref_bos_id]], device=device)
+        cos, sin = self._rotary(1)
+        with torch.set_grad_enabled(grad):
+            # Rotary at position 0 is the identity, so the unrotated key is the stored one.
+            layers = self._attention_inputs(tokens, range(self.model.cfg.n_layers), cos, sin)
+            return torch.stack([torch.stack([k[0, :, 0], v[0, :, 0]]) for _, _, k, v in layers])
+
+    def _rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.model.embed.weight
+        return self.model.rotary(0, length, w.device, w.dtype)
+
+    def _check(self, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+        if tokens.dim() != 2 or tokens.shape[0] == 0 or lengths.shape != tokens.shape[:1]:
+            raise ValueError(f"encode: expected tokens (N, L) with N >= 1 and lengths (N,), got "
+                             f"{tuple(tokens.shape)} and {tuple(lengths.shape)}")
+        L, max_len = tokens.shape[1], self.model.cfg.max_seq_len
+        if L > max_len:
+            raise ValueError(f"encode: references of {L} positions exceed max_seq_len {max_len}")
+        if int(lengths.min()) < 1 or int(lengths.max()) > L:
+            raise ValueError(f"encode: lengths must lie in 1..{L} (they count the reference-BOS), "
+                             f"got {int(lengths.min())}..{int(lengths.max())}")
+
+    def _attention_inputs(self, tokens: torch.Tensor, layer_ids: Iterable[int], cos: torch.Tensor,
+                          sin: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor,
+                                                               torch.Tensor]]:
+        """Run tokens (N, L) through the blocks as an ordinary causal forward, only as deep as the
+        last of layer_ids (ascending), yielding (layer, q (N, H, L, D), k (N, G, L, D), v) of each
+        of them: projections of the layer's attention input (after attn_norm), q and k unrotated.
+
+        Those layers mirror Block.forward and Attention.forward step by step, because the
+        projections must be seen before rotary; computing them once serves both the selection and
+        the forward. Right padding needs no mask here: causal attention hides it from real tokens,
+        and every padding row still sees the reference-BOS, so nothing becomes NaN.
+        """
+        wanted = set(layer_ids)
+        last = max(wanted)
+        x = self.model.embed(tokens)
+        N, L, _ = x.shape
+        for i, block in enumerate(self.model.blocks[:last + 1]):
+            if i not in wanted:
+                x = block(x, cos, sin)
+                continue
+            attn = block.attn
+            q, k, v = attn.wqkv(block.attn_norm(x)).split(attn.split_sizes, dim=-1)
+            q = q.view(N, L, attn.n_heads, attn.head_dim).transpose(1, 2)
+            k = k.view(N, L, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+            v = v.view(N, L, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+            yield i, q, k, v
+            if i == last:
+                return  # nothing reads this layer's output: skip its attention and MLP
+            out = attn.attend(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)
+            x = x + attn.wo(out.transpose(1, 2).reshape(N, L, -1))
+            x = x + block.mlp(block.mlp_norm(x))
