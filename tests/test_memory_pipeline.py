@@ -108,3 +108,23 @@ def test_continual_phase_trains_with_memories(warm_run, bank_dir, tiny_data, tmp
     losses = [r["loss"] for r in read_metrics(tmp_path / "cont" / "metrics.jsonl")
               if r["kind"] == "train"]
     assert len(losses) == 4 and all(np.isfinite(losses)) and "val_ppl" in result
+
+
+def test_continual_training_writes_back_memories_of_cold_references(warm_run, world_files,
+                                                                   tiny_data, tmp_path):
+    from memory3.memory.references import iter_references
+    tok = load_tokenizer(warm_run)
+    model_cfg = Recipe.from_name("tiny-warmup").override(MEMORY).model
+    cold = tmp_path / "cold"
+    with MemoryBank.create(cold, model_cfg) as bank:  # references only: no memory yet
+        bank.add(list(iter_references([world_files["knowledge"]], tok, model_cfg.reference_len)))
+    recipe = Recipe.from_name("tiny-warmup").override(
+        [f"data.path={tiny_data}", "phase=continual", f"continual.bank={cold}",
+         f"train.init_from={warm_run}", "train.max_steps=2", "train.eval_every=100", *MEMORY])
+    train(recipe, tmp_path / "cont", progress=False)
+    bank = MemoryBank.open(cold)
+    rows = np.arange(len(bank))
+    written = rows[~bank.missing(rows)]
+    assert 0 < len(written) < len(bank)  # exactly the references training read
+    encoders = {r.encoder_id for r in bank.references(written)}
+    assert encoders == {f"{tmp_path / 'cont'}@2"}
