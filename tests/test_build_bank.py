@@ -196,7 +196,7 @@ def test_bad_input_fails_clearly_and_damages_nothing(built, checkpoint, knowledg
 @pytest.mark.distributed
 def test_two_ranks_build_the_same_memories_as_one(built, checkpoint, knowledge, tmp_path):
     out = tmp_path / "bank"
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29637", "-m",
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m",
            "memory3.memory.cli", *build_args(checkpoint, knowledge, out)]
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

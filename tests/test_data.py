@@ -309,7 +309,7 @@ def test_resume_from_every_crash_point(tmp_path, tokenizer, monkeypatch, n_parag
     manifest = prepare_data([corpus], tokenizer.path, tmp_path / "unbroken", **args)
     assert manifest["splits"]["valid"]["documents"] > 0
     expected = snapshot(tmp_path / "unbroken")
-    real_write = shards_module._write_atomic
+    real_write = shards_module.write_atomic
     crash_at = 0
     while True:
         out = tmp_path / f"crash{crash_at}"
@@ -322,13 +322,13 @@ def test_resume_from_every_crash_point(tmp_path, tokenizer, monkeypatch, n_parag
             writes += 1
             real_write(path, data)
 
-        monkeypatch.setattr(shards_module, "_write_atomic", crashing_write)
+        monkeypatch.setattr(shards_module, "write_atomic", crashing_write)
         try:
             prepare_data([corpus], tokenizer.path, out, **args)
             break  # crash_at is past the last write
         except KeyboardInterrupt:
             pass
-        monkeypatch.setattr(shards_module, "_write_atomic", real_write)
+        monkeypatch.setattr(shards_module, "write_atomic", real_write)
         prepare_data([corpus], tokenizer.path, out, **args)
         assert snapshot(out) == expected, f"crash before write {crash_at}"
         crash_at += 1

@@ -9,7 +9,6 @@ import torch
 
 from memory3.config import Recipe
 from memory3.data.synthetic import make_world, write_world
-from memory3.eval.perplexity import evaluate, text_sequences
 from memory3.generate import generate
 from memory3.memory.bank import MemoryBank
 from memory3.memory.build import build_bank

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from memory3.data.text import (DataError, PathLike, ReadStats, iter_documents, list_files,
                                require_documents)
 from memory3.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from memory3.files import file_sha256, write_atomic
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "memory3-token-shards"
@@ -55,33 +56,6 @@ SLOW_SHARD_ENV = "MEMORY3_TEST_SLOW_SHARD_SECONDS"
 
 def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65535 else "uint32"
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "posix":  # makes the rename itself durable
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def load_manifest(data_dir: PathLike) -> dict:
@@ -108,7 +82,7 @@ def _check_shard(path: Path, shard: dict, itemsize: int, verify: bool) -> None:
     if size != expected:
         raise DataError(f"shard {path} has {size} bytes, the manifest says {shard['tokens']} "
                         f"tokens = {expected} bytes")
-    if verify and _file_sha256(path) != shard["sha256"]:
+    if verify and file_sha256(path) != shard["sha256"]:
         raise DataError(f"shard {path} does not match its sha256 in the manifest: it is corrupt")
 
 
@@ -136,7 +110,7 @@ class _SplitWriter:
         """Write the open shard to disk; it counts once the manifest is committed."""
         data = np.concatenate(self.buffer).tobytes()
         file = f"{self.name}-{len(self.entry['shards']):05d}.bin"
-        _write_atomic(self.out_dir / file, data)
+        write_atomic(self.out_dir / file, data)
         self.entry["shards"].append({"file": file, "tokens": self.buffered_tokens,
                                      "documents": len(self.buffer),
                                      "sha256": hashlib.sha256(data).hexdigest()})
@@ -158,7 +132,7 @@ class _ShardBuilder:
         self.slow_seconds = float(os.environ.get(SLOW_SHARD_ENV, "0"))
 
     def commit(self) -> None:
-        _write_atomic(self.out_dir / MANIFEST_FILE,
+        write_atomic(self.out_dir / MANIFEST_FILE,
                       (json.dumps(self.manifest, indent=1) + "\n").encode())
 
     def place(self, position: int, text: str, split: str) -> None:

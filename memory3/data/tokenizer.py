@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from memory3.data.text import (DataError, Document, PathLike, ReadStats, iter_documents,
                                list_files, require_documents)
+from memory3.files import write_atomic
 
 MODEL_FILE = "tokenizer.model"
 VOCAB_FILE = "tokenizer.vocab"
@@ -35,15 +35,6 @@ MAX_SENTENCE_BYTES = 16384
 # Longer lines are cut for training only: 4 bytes per character at most keeps every piece within
 # MAX_SENTENCE_BYTES, which sentencepiece would otherwise drop whole.
 MAX_SENTENCE_CHARS = MAX_SENTENCE_BYTES // 4
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _training_lines(documents: Iterable[Document], progress: bool) -> Iterator[str]:
@@ -96,8 +87,8 @@ def train_tokenizer(inputs: Sequence[PathLike], out_dir: PathLike, vocab_size: i
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / VOCAB_FILE, vocab.encode())
-    _write_atomic(out_dir / MODEL_FILE, model.getvalue())
+    write_atomic(out_dir / VOCAB_FILE, vocab.encode())
+    write_atomic(out_dir / MODEL_FILE, model.getvalue())
     if progress or stats.undecodable_lines or stats.bad_json_lines:
         print(f"tokenizer: {stats.summary()}; wrote {out_dir / MODEL_FILE} "
               f"(vocab_size {vocab_size})")

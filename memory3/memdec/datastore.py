@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from memory3.data import TokenShards
 from memory3.memdec.files import (MANIFEST_FILE, SLOW_COMMIT_ENV, MemDecError,
-                                  checkpoint_identity, data_identity, open_array, read_manifest,
-                                  write_json_atomic)
+                                  checkpoint_identity, data_identity, open_array, read_manifest)
+from memory3.files import write_json_atomic
 from memory3.memdec.index import build_index, choose_index, load_index
 from memory3.memdec.keys import capture_keys
 

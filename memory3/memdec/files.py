@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +25,6 @@ SLOW_COMMIT_ENV = "MEMORY3_TEST_SLOW_COMMIT_SECONDS"
 class MemDecError(DataError):
     """A datastore, targets folder or Memory Decoder setting that cannot be used; the message
     names it. A DataError, so `memory3` reports it as a user error (exit status 2)."""
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if os.name == "posix":  # makes the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def read_manifest(folder: Path, fmt: str, version: int, what: str) -> dict:

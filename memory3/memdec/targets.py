@@ -36,8 +36,9 @@ from tqdm import tqdm
 
 from memory3.data import TokenShards
 from memory3.memdec.datastore import Datastore
+from memory3.files import write_json_atomic
 from memory3.memdec.files import (MANIFEST_FILE, SLOW_COMMIT_ENV, MemDecError, data_identity,
-                                  open_array, read_manifest, write_json_atomic)
+                                  open_array, read_manifest)
 
 FORMAT = "memory3-memdec-targets"
 VERSION = 1

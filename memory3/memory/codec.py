@@ -39,7 +39,8 @@ import faiss
 import numpy as np
 import torch
 
-from memory3.memory.store import BankError, MemoryLayout, file_sha256, write_atomic
+from memory3.files import file_sha256, write_atomic
+from memory3.memory.store import BankError, MemoryLayout
 from memory3.model.layers import apply_rotary, rotary_tables
 
 RAW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

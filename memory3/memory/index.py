@@ -28,7 +28,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from memory3.memory.store import BankError, file_sha256, write_atomic
+from memory3.files import file_sha256, write_atomic
+from memory3.memory.store import BankError
 
 FLAT_LIMIT = 100_000
 HNSW_LIMIT = 20_000_000

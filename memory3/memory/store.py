@@ -38,7 +38,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -47,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from memory3.files import file_sha256, write_atomic
 
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = "write.lock"
@@ -110,33 +111,6 @@ class MemoryLayout:
 
 
 # -- files -----------------------------------------------------------------------------------
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    if os.name == "posix":  # makes the rename itself durable
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
 
 def key_bytes(key: str) -> bytes:
     return bytes.fromhex(key)

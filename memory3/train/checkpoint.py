@@ -10,7 +10,6 @@ an interrupted save and is ignored, so a kill during a save resumes from the pre
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from memory3.config import ModelConfig, Recipe
+from memory3.files import write_json_atomic
 from memory3.train.distributed import barrier
 
 TAG_PREFIX = "step-"
@@ -57,7 +57,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_l
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
     barrier()
     if engine.global_rank == 0:
-        _write_json(ckpt_dir / tag / INFO_FILE, info)
+        write_json_atomic(ckpt_dir / tag / INFO_FILE, info)
         tags = sorted(p.name for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir())
         for old in tags[:-keep_last]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
@@ -134,12 +134,3 @@ def load_tokenizer(path: str | Path, tokenizer: str | Path | None = None):
 
 def model_config(path: str | Path) -> ModelConfig:
     return Recipe.from_dict(read_info(path)["recipe"]).model
-
-
-def _write_json(path: Path, obj: Any):
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
