@@ -39,3 +39,22 @@ def write_atomic(path: Path, data: bytes | memoryview) -> None:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def read_manifest(folder: Path, fmt: str, version: int, error: type[Exception], *,
+                  missing: str, outdated: str) -> dict[str, Any]:
+    """folder/manifest.json of format `fmt` and `version`, or `error` naming the file and saying
+    what is wrong: `missing` explains an absent manifest, `outdated` what to do about a version."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise error(f"{path} does not exist: {missing}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise error(f"{path} is not a {fmt} manifest")
+    if manifest.get("version") != version:
+        raise error(f"{path} has format version {manifest.get('version')}, this code reads "
+                    f"version {version}; {outdated}")
+    return manifest

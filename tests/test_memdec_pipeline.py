@@ -32,6 +32,16 @@ WINDOW = 128
 K, TEMPERATURE = 64, 0.1
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a 2-core machine shared with other
+    jobs OpenMP's spin-waiting makes 2 threads 5-20x slower than 1; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def domain(tiny_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("domain")
@@ -234,7 +244,7 @@ def test_datastore_build_resumes_after_sigkill(bases, domain, datastore, tmp_pat
     script = (f"from memory3.memdec import build_datastore; build_datastore({str(bases[0])!r}, "
               f"{str(domain)!r}, {str(out)!r}, max_tokens={DATASTORE_TOKENS}, window={WINDOW}, "
               f"batch_size=4, commit_positions=512, progress=False)")
-    env = {**os.environ, SLOW_COMMIT_ENV: "0.3"}
+    env = {**os.environ, SLOW_COMMIT_ENV: "0.3", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60

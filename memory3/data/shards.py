@@ -40,7 +40,7 @@ from tqdm import tqdm
 from memory3.data.text import (DataError, PathLike, ReadStats, iter_documents, list_files,
                                require_documents)
 from memory3.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
-from memory3.files import file_sha256, write_atomic
+from memory3.files import file_sha256, read_manifest, write_atomic
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "memory3-token-shards"
@@ -59,20 +59,9 @@ def token_dtype(vocab_size: int) -> str:
 
 
 def load_manifest(data_dir: PathLike) -> dict:
-    path = Path(data_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise DataError(f"{path} does not exist: {data_dir} holds no prepared data "
-                        f"(make it with prepare_data)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"{path} is not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
-        raise DataError(f"{path} has format version {manifest.get('version')}, this code reads "
-                        f"version {VERSION}; prepare the data again")
-    return manifest
+    return read_manifest(Path(data_dir), FORMAT, VERSION, DataError,
+                         missing=f"{data_dir} holds no prepared data (make it with prepare_data)",
+                         outdated="prepare the data again")
 
 
 def _check_shard(path: Path, shard: dict, itemsize: int, verify: bool) -> None:

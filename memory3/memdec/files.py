@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from memory3 import files
 from memory3.data import DataError, load_manifest
 
 MANIFEST_FILE = "manifest.json"
@@ -28,19 +29,8 @@ class MemDecError(DataError):
 
 
 def read_manifest(folder: Path, fmt: str, version: int, what: str) -> dict:
-    path = folder / MANIFEST_FILE
-    if not path.is_file():
-        raise MemDecError(f"{path} does not exist: {folder} is not a {what}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MemDecError(f"{path} is not valid JSON ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
-        raise MemDecError(f"{path} is not a {what} manifest (format {fmt!r})")
-    if manifest.get("version") != version:
-        raise MemDecError(f"{path} has version {manifest.get('version')}, this code reads "
-                          f"version {version}; build it again")
-    return manifest
+    return files.read_manifest(folder, fmt, version, MemDecError, missing=f"{folder} is not a {what}",
+                               outdated="build it again")
 
 
 def open_array(path: Path, dtype: str, shape: tuple[int, ...], mode: str) -> np.memmap:

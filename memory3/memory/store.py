@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from memory3.files import file_sha256, write_atomic
+from memory3.files import file_sha256, read_manifest, write_atomic
 
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = "write.lock"
@@ -533,18 +533,7 @@ class MemoryStore:
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise BankError(f"{manifest_path} does not exist: {path} holds no memory bank (make one "
-                        f"with `memory3 build-bank` or MemoryBank.create)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BankError(f"{manifest_path} is not valid JSON ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BankError(f"{manifest_path} is not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
-        raise BankError(f"{manifest_path} has format version {manifest.get('version')}, this code "
-                        f"reads version {VERSION}")
-    return manifest
+    return read_manifest(Path(path), FORMAT, VERSION, BankError,
+                         missing=f"{path} holds no memory bank (make one with `memory3 build-bank` "
+                                 f"or MemoryBank.create)",
+                         outdated="build the bank again")
