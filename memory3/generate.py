@@ -37,7 +37,9 @@ class Generation:
 @torch.no_grad()
 def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
-             stop_at_eos: bool = True) -> Generation:
+             stop_at_eos: bool = True, encode_now: bool = False) -> Generation:
+    """encode_now: encode retrieved references with this model rather than reading the bank's
+    memories (for a bank filled by other weights)."""
     cfg = model.cfg
     L, M = cfg.chunk_len, cfg.memories_per_chunk
     device = model.embed.weight.device
@@ -49,8 +51,10 @@ def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, max_new_t
                          f"{cfg.max_seq_len}")
     generator = torch.Generator(device=device).manual_seed(seed)
     result = Generation(text="", tokens=tokens)
-    sink = MemoryEncoder(model).sink_kv() if bank is not None else None
-    dtype = model.embed.weight.dtype
+    encoder = MemoryEncoder(model) if bank is not None else None
+    sink = encoder.sink_kv() if encoder is not None else None
+    reader = dict(device=model.embed.weight.device, dtype=model.embed.weight.dtype,
+                  encoder=encoder if encode_now else None)
 
     def retrieve(chunk: int, query: str) -> np.ndarray:
         rows = bank.retrieve([query], M)[0][0]
@@ -65,12 +69,11 @@ def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, max_new_t
     if bank is not None:
         texts = chunk_texts(tokens, tokenizer, L)
         rows = np.stack([retrieve(c, t) for c, t in enumerate(texts)])[None]  # (1, C, M)
-        memory = chunk_memories(bank, rows, sink, device=device, dtype=dtype)
+        memory = chunk_memories(bank, rows, sink, **reader)
     logits = model(torch.tensor([tokens], device=device), cache=cache, memory=memory).logits[0, -1]
     if memory is not None:  # decoding continues in the last prompt chunk with its memories
         last = memory.kv.shape[1] - 1
-        memory = chunk_memories(bank, rows[:, last:], sink, first_chunk=last, device=device,
-                                dtype=dtype)
+        memory = chunk_memories(bank, rows[:, last:], sink, first_chunk=last, **reader)
     while len(tokens) < total:
         nxt = int(sample_next(logits[None], temperature, top_k, generator)[0])
         tokens.append(nxt)
@@ -80,8 +83,7 @@ def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, max_new_t
         if bank is not None and position % L == 0:
             chunk = position // L
             rows = retrieve(chunk, tokenizer.decode(tokens[position - L:position]))[None, None]
-            memory = chunk_memories(bank, rows, sink, first_chunk=chunk, device=device,
-                                    dtype=dtype)
+            memory = chunk_memories(bank, rows, sink, first_chunk=chunk, **reader)
         logits = model(torch.tensor([[nxt]], device=device), cache=cache,
                        memory=memory).logits[0, -1]
     result.text = tokenizer.decode(tokens[prompt_len:])

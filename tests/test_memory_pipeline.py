@@ -127,3 +127,18 @@ def test_continual_training_writes_back_memories_of_cold_references(warm_run, wo
     assert 0 < len(written) < len(bank)  # exactly the references training read
     encoders = {r.encoder_id for r in bank.references(written)}
     assert encoders == {f"{tmp_path / 'cont'}@2"}
+
+
+def test_real_time_encoding_reproduces_the_banks_memories(warm_run, bank_dir, world_files):
+    """The bank was filled by warm_run's weights: encoding now must read the same memories
+    (up to the bank's bf16 storage)."""
+    from memory3.eval.perplexity import evaluate, text_sequences
+    model, _, _ = load_model(warm_run)
+    tok = load_tokenizer(warm_run)
+    bank = MemoryBank.open(bank_dir)
+    seqs = text_sequences([world_files["heldout"]], tok, 64, max_sequences=4)
+    stored = evaluate(model, tok, seqs, ["memory"], bank=bank)["memory"]["loss"]
+    fresh = evaluate(model, tok, seqs, ["memory"], bank=bank, encode_now=True)["memory"]["loss"]
+    assert fresh == pytest.approx(stored, rel=1e-3)
+    plain = evaluate(model, tok, seqs, ["none"])["none"]["loss"]
+    assert abs(fresh - plain) > 1e-4  # and the memories are actually read

@@ -15,8 +15,14 @@ def _load(args):
     bank = None
     if args.bank:
         from memory3.memory.bank import MemoryBank
+        from memory3.memory.bank import checkpoint_encoder_id
         bank = MemoryBank.open(args.bank, verify="size")
         bank.check_model_config(recipe.model, f"checkpoint {args.checkpoint}")
+        encoders = {e["id"] for e in bank.manifest["encoders"]}
+        args.encode_now = checkpoint_encoder_id(args.checkpoint) not in encoders
+        if args.encode_now:
+            print(f"the memories in {args.bank} were encoded by other weights: encoding the "
+                  f"retrieved references with {args.checkpoint} as they are read")
     return model, recipe, tokenizer, bank
 
 
@@ -48,7 +54,8 @@ def cmd_eval(args):
                           max_sequences=args.max_sequences, text_field=args.text_field)
     print(f"{len(seqs)} sequences of {seqs.shape[1] - 1} tokens from {', '.join(args.data)}")
     results = evaluate(model, tokenizer, seqs, args.modes.split(","), bank=bank,
-                       batch_size=args.batch_size, progress=True)
+                       batch_size=args.batch_size, encode_now=bool(args.bank and args.encode_now),
+                       progress=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
         print(f"wrote {args.json}")
@@ -72,7 +79,8 @@ def cmd_generate(args):
     from memory3.generate import generate
     model, _, tokenizer, bank = _load(args)
     out = generate(model, tokenizer, args.prompt, bank=bank, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                   encode_now=bool(args.bank and args.encode_now))
     print(args.prompt + out.text)
     for r in out.retrievals:
         print(f"\n[chunk {r.chunk}, after {r.position} tokens] retrieved:")

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from memory3.data import Tokenizer, iter_documents, require_documents
 from memory3.data.text import ReadStats
 from memory3.memory.encoder import MemoryEncoder
+from memory3.memory.overlap import EVAL_OVERLAP
 from memory3.memory.reading import chunk_memories, retrieve_for_chunks
 from memory3.model import Transformer
 
 MODES = ("none", "memory", "rag", "memory_own_chunk")
-EVAL_OVERLAP = 2 / 3
 
 
 def text_sequences(paths: Sequence[str | Path], tokenizer: Tokenizer, seq_len: int, *,
@@ -54,8 +54,12 @@ def text_sequences(paths: Sequence[str | Path], tokenizer: Tokenizer, seq_len: i
 @torch.no_grad()
 def evaluate(model: Transformer, tokenizer: Tokenizer, sequences: torch.Tensor,
              modes: Sequence[str] = ("none",), *, bank=None, batch_size: int = 8,
-             progress: bool = False) -> dict[str, dict]:
-    """{mode: {perplexity, loss, tokens, tokens_per_s, seconds}} for sequences (N, T + 1)."""
+             encode_now: bool = False, progress: bool = False) -> dict[str, dict]:
+    """{mode: {perplexity, loss, tokens, tokens_per_s, seconds}} for sequences (N, T + 1).
+
+    encode_now: encode retrieved references with this model instead of reading the bank's
+    memories (needed when the bank was filled by other weights: its memories would be stale).
+    """
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown eval mode(s) {sorted(unknown)}; known: {list(MODES)}")
@@ -75,7 +79,8 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, sequences: torch.Tensor,
             elif mode == "rag":
                 loss_sum = _rag_nll(model, bank, tokenizer, x, y)
             else:
-                loss_sum = _memory_nll(model, bank, tokenizer, x, y, mode == "memory_own_chunk")
+                loss_sum = _memory_nll(model, bank, tokenizer, x, y, mode == "memory_own_chunk",
+                                       encode_now)
             nll += loss_sum
             count += y.numel()
         seconds = time.perf_counter() - start
@@ -100,10 +105,11 @@ def _rows(model, bank, tokenizer, x, own_chunk: bool) -> np.ndarray:
                                own_chunk=own_chunk)
 
 
-def _memory_nll(model, bank, tokenizer, x, y, own_chunk: bool) -> float:
-    sink = MemoryEncoder(model).sink_kv()
-    memory = chunk_memories(bank, _rows(model, bank, tokenizer, x, own_chunk), sink,
-                            device=x.device, dtype=model.embed.weight.dtype)
+def _memory_nll(model, bank, tokenizer, x, y, own_chunk: bool, encode_now: bool) -> float:
+    encoder = MemoryEncoder(model)
+    memory = chunk_memories(bank, _rows(model, bank, tokenizer, x, own_chunk), encoder.sink_kv(),
+                            device=x.device, dtype=model.embed.weight.dtype,
+                            encoder=encoder if encode_now else None)
     return _nll(model(x, memory=memory).logits, y)
 
 

@@ -20,12 +20,10 @@ from memory3.config import ConfigError, Recipe
 from memory3.data import Tokenizer, load_manifest
 from memory3.memory.bank import MemoryBank
 from memory3.memory.encoder import EncodedMemories, MemoryEncoder
-from memory3.memory.overlap import exceeds
+from memory3.memory.overlap import EVAL_OVERLAP, exceeds
 from memory3.memory.reading import chunk_texts, encode_rows, retrieve_for_chunks
 from memory3.model import ChunkMemories, ModelOutput, compact_slots
 from memory3.train.phases import Batch, WarmupPhase
-
-EVAL_OVERLAP = 2 / 3
 
 
 class ContinualPhase(WarmupPhase):
