@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memory3.config import ConfigError, Recipe
+from memory3.files import write_json_atomic
 from memory3.model import IGNORE_INDEX, Transformer
 from memory3.train import checkpoint
 from memory3.train.deepspeed_config import build_deepspeed_config
@@ -67,7 +68,7 @@ class Trainer:
         self.step = 0
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "recipe.json").write_text(_json(recipe.to_dict()))
+            write_json_atomic(self.out_dir / "recipe.json", recipe.to_dict())
         if resume:
             self._resume()
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.is_main)
@@ -191,8 +192,3 @@ class Trainer:
 def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = True,
           progress: bool = True) -> dict[str, Any]:
     return Trainer(recipe, out_dir, resume=resume, progress=progress).fit()
-
-
-def _json(obj: Any) -> str:
-    import json
-    return json.dumps(obj, indent=1)
