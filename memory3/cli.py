@@ -40,6 +40,9 @@ def cmd_train(args):
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v
                           for k, v in result.items()}))
+    import torch.distributed as dist
+    if dist.is_initialized():  # leave the group cleanly so no rank aborts at exit
+        dist.destroy_process_group()
 
 
 def _add_train_tokenizer(sub):

@@ -66,6 +66,12 @@ def cmd_build_bank(args: argparse.Namespace) -> None:
     except BankError as e:  # memory3.cli reports its own error types; this one is ours
         print(f"memory3 build-bank: error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        # A rank that exits with its process group alive can abort in c10d's threads
+        # ("terminate called without an active exception") while the others still finish.
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
