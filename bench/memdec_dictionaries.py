@@ -28,8 +28,6 @@ Writes OUT/results.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
 import json
 import math
 import platform
@@ -57,8 +55,9 @@ from memory3.model import IGNORE_INDEX, Transformer  # noqa: E402
 from memory3.train.checkpoint import load_model  # noqa: E402
 from memory3.train.trainer import train  # noqa: E402
 
-DICTD = Path("/usr/share/dictd")
-B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dictionaries import bucket, glosses, quotes_wordnet, read_dictd  # noqa: E402
+
 # `mini` (vocab 2048, max_seq_len 256) variants, with their peak learning rates. The decoder is
 # mini cut to 1 layer: per token it costs under a quarter of base-S (the LM head over 2048 tokens
 # is a large part of such small models), which the <= 1.3x latency goal needs.
@@ -84,70 +83,29 @@ def parse_args(argv=None):
 
 
 # -- 1. corpus -----------------------------------------------------------------------------------
-def read_dictd(name: str) -> list[tuple[str, str]]:
-    """(headword, entry text) of a dictd database, one per distinct entry, in file order."""
-    path = DICTD / f"{name}.dict.dz"
-    if not path.exists():
-        sys.exit(f"{path} is missing: apt-get install -y dict-gcide dict-wn")
-    raw = gzip.open(path).read()
-    entries: dict[int, tuple[str, int]] = {}
-    index = (DICTD / f"{name}.index").read_text(encoding="utf-8", errors="replace")
-    for line in index.splitlines():
-        parts = line.split("\t")
-        if len(parts) >= 3 and not parts[0].startswith("00"):
-            offset, length = (_b64(x) for x in parts[1:3])
-            entries.setdefault(offset, (parts[0], length))
-    return [(head, _unindent(raw[o:o + n].decode("utf-8", "replace")))
-            for o, (head, n) in sorted(entries.items())]
-
-
-def _unindent(text: str) -> str:
-    """Indentation is layout, not text: lines lose their indent, runs of spaces become one."""
-    return re.sub(r" {2,}", " ", re.sub(r"\n +", "\n", text)).strip()
-
-
-def _b64(s: str) -> int:
-    n = 0
-    for c in s:
-        n = n * 64 + B64.index(c)
-    return n
-
-
-def _bucket(text: str, seed: str) -> float:
-    return int(hashlib.blake2b(f"{seed}\0{text}".encode(), digest_size=8).hexdigest(), 16) / 2**64
-
-
-def _glosses(entry: str) -> set[str]:
-    """Normalised gloss sentences of a WordNet entry, without synonym lists."""
-    body = " ".join(entry.split("\n", 1)[-1].split())
-    body = re.sub(r"\[(syn|ant|also):[^\]]*\]", " ", body)
-    return {g.strip(" ;") for g in re.split(r"(?:\b(?:n|v|adj|adv)\b)?\s*\d+:\s", body)
-            if len(g.strip(" ;")) >= 20}
-
-
 def build_corpus(out: Path, args) -> dict[str, Path]:
     files = {n: out / f"{n}.jsonl" for n in ("general", "domain", "tune", "heldout")}
     if all(f.exists() for f in files.values()):
         return files
     general = [t for _, t in read_dictd("gcide")
-               if "WordNet" not in t and _bucket(t, "general") < args.general_percent / 100]
+               if not quotes_wordnet(t) and bucket(t, "general") < args.general_percent / 100]
     wordnet = read_dictd("wn")
-    ordered = sorted(wordnet, key=lambda e: _bucket(e[1], "order"))
+    ordered = sorted(wordnet, key=lambda e: bucket(e[1], "order"))
     heldout, tune, rest = [], [], []
     for _, text in ordered:
-        u = _bucket(text, "split")
+        u = bucket(text, "split")
         if u < 0.03 and sum(map(len, heldout)) < args.heldout_chars:
             heldout.append(text)
         elif 0.03 <= u < 0.04 and sum(map(len, tune)) < args.tune_chars:
             tune.append(text)
         else:
             rest.append(text)
-    unseen = set().union(*map(_glosses, heldout + tune))
+    unseen = set().union(*map(glosses, heldout + tune))
     domain, chars = [], 0
     for text in rest:
         if chars >= args.domain_chars:
             break
-        if not _glosses(text) & unseen:
+        if not glosses(text) & unseen:
             domain.append(text)
             chars += len(text)
     for name, docs in (("general", general), ("domain", domain), ("tune", tune),
