@@ -57,7 +57,8 @@ class ContinualPhase(WarmupPhase):
             copies = {r for r, rec in zip(rows, self.bank.references(rows))
                       if exceeds(rec.tokens, seq, c.overlap_threshold, counts)}
             for ci in range(C):
-                recent = set(picked[b, max(0, ci - N):ci].ravel().tolist())
+                # Chunk ci + 1 reads the picks of chunks ci - N + 1 .. ci: no repeats among them.
+                recent = set(picked[b, max(0, ci - N + 1):ci].ravel().tolist())
                 fresh = [int(r) for r in candidates[b, ci]
                          if r >= 0 and int(r) not in copies and int(r) not in recent]
                 picked[b, ci, :len(fresh[:n_new])] = fresh[:n_new]
