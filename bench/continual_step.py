@@ -55,10 +55,12 @@ def parse_args(argv=None):
     p.add_argument("--entities", type=int, default=2000, help="size of the generated world")
     p.add_argument("--facts-per-doc", type=int, default=4)
     p.add_argument("--embedder", default="hashing:512", help="the bank's embedder spec")
-    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "memory3_bench_continual"))
+    p.add_argument("--cache",
+                   default=os.path.join(tempfile.gettempdir(), "memory3_bench_continual"))
     p.add_argument("--profile", action="store_true",
                    help="after timing, cProfile one continual step and print the top functions")
-    p.add_argument("overrides", nargs="*", help="recipe overrides (e.g. continual.previous_chunks=4)")
+    p.add_argument("overrides", nargs="*",
+                   help="recipe overrides (e.g. continual.previous_chunks=4)")
     return p.parse_args(argv)
 
 
@@ -155,7 +157,8 @@ def main(argv=None):
           f"(Trainer.train_step)")
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs")
-    print(f"# first losses: warmup {losses['warmup'][0]:.4f}  continual {losses['continual'][0]:.4f}")
+    print(f"# first losses: warmup {losses['warmup'][0]:.4f}  "
+          f"continual {losses['continual'][0]:.4f}")
     print(f"{'phase':<10}{'median s/step':>15}{'min s/step':>12}{'next_batch median s':>21}")
     med = {}
     for name in phases:

@@ -12,7 +12,9 @@ from memory3.data.synthetic import make_world, write_world
 from memory3.generate import generate
 from memory3.memory.bank import MemoryBank
 from memory3.memory.build import build_bank
-from memory3.memory.reading import retrieve_for_chunks
+from memory3.memory.encoder import MemoryEncoder
+from memory3.memory.reading import encode_distinct, encode_rows, read_distinct, retrieve_for_chunks
+from memory3.model import compact_slots
 from memory3.train.checkpoint import load_model, load_tokenizer
 from memory3.train.metrics import read_metrics
 from memory3.train.trainer import train
@@ -61,6 +63,23 @@ def test_chunk_retrieval_is_causal_and_filters_copies(warm_run, bank_dir):
     filtered = retrieve_for_chunks(bank, tok, torch.tensor([seq_with_copy]), chunk_len=16, k=5,
                                    overlap_threshold=2 / 3, own_chunk=True)
     assert 7 not in filtered and 8 not in filtered
+
+
+def test_distinct_memories_read_like_memories_encoded_per_slot(warm_run, bank_dir):
+    """Training encodes and compacts each distinct reference once, then lays them out per chunk:
+    exactly what compacting the per-slot encodings gives, -1 slots all empty."""
+    model, _, _ = load_model(warm_run)
+    bank = MemoryBank.open(bank_dir)
+    encoder = MemoryEncoder(model)
+    rows = np.array([[[3, -1, 5], [5, 3, 9]], [[-1, -1, -1], [9, 9, 2]]])
+    distinct, index, encoded = encode_distinct(encoder, bank, rows)
+    assert distinct.tolist() == [2, 3, 5, 9] and len(encoded) == 4
+    assert (distinct[index[index >= 0]] == rows[rows >= 0]).all() and (index[rows < 0] == -1).all()
+    memory = read_distinct(encoded, index, encoder.sink_kv())
+    per_slot = encode_rows(encoder, bank, rows)
+    kv, valid = compact_slots(per_slot.kv, per_slot.positions)
+    assert torch.equal(memory.kv, kv) and torch.equal(memory.valid, valid)
+    assert not memory.valid[1, 0].any() and not memory.kv[1, 0].any()
 
 
 def test_generation_retrieves_exactly_at_every_chunk_boundary(warm_run, bank_dir):

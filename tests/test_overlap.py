@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from memory3.memory.overlap import exceeds, lcs_length, overlap
+from memory3.memory.overlap import exceeding, exceeds, lcs_length, overlap
 
 
 def lcs_dp(a, b):
@@ -50,3 +50,18 @@ def test_exceeds_agrees_with_overlap_and_precomputed_counts():
         ref = [t if rng.random() < 0.85 else rng.randrange(50) for t in ref]
         for threshold in (2 / 3, 0.9):
             assert exceeds(ref, text, threshold, counts) == (overlap(ref, text) > threshold)
+
+
+def test_exceeding_many_references_agrees_with_exceeds():
+    rng = random.Random(2)
+    for _ in range(20):
+        text = [rng.randrange(40) for _ in range(rng.randrange(0, 300))]
+        refs = [[]]
+        for _ in range(40):
+            start = rng.randrange(max(1, len(text)))
+            ref = text[start:start + rng.randrange(0, 40)]
+            refs.append([t if rng.random() < 0.9 else rng.randrange(60) for t in ref])
+        for threshold in (2 / 3, 0.9):
+            assert exceeding(refs, text, threshold).tolist() == \
+                [exceeds(r, text, threshold) for r in refs]
+    assert exceeding([], [1, 2], 0.9).tolist() == []

@@ -6,11 +6,14 @@ above 0.9 (the model must not learn to copy its target), evaluation above 2/3 (S
 Fast enough for every retrieved reference of every batch: a token-count bound rejects most pairs
 without any DP (an LCS cannot exceed the multiset intersection), and the rest use bit-parallel LCS
 (Hyyrö 2004): one big-integer add/or/and per token of the text, O(len(text)) word operations.
+`exceeding` computes the bound of many references against one text in a few numpy calls.
 """
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+
+import numpy as np
 
 EVAL_OVERLAP = 2 / 3  # the reference's threshold at evaluation (training uses 0.9, a recipe field)
 
@@ -47,3 +50,26 @@ def exceeds(reference: Sequence[int], text: Sequence[int], threshold: float,
     if bound <= threshold * len(reference):
         return False
     return lcs_length(reference, text) > threshold * len(reference)
+
+
+def exceeding(references: Sequence[Sequence[int]], text: Sequence[int],
+              threshold: float) -> np.ndarray:
+    """(len(references),) bool: `exceeds(ref, text, threshold)` of each reference.
+
+    The count bound of all references at once: one sort of (reference, token) pairs gives each
+    reference's count of each token, capped by the text's count of it."""
+    out = np.zeros(len(references), dtype=bool)
+    lengths = np.array([len(r) for r in references], dtype=np.int64)
+    if not len(references) or not lengths.any():
+        return out
+    tokens = np.fromiter((t for r in references for t in r), dtype=np.int64, count=lengths.sum())
+    text_arr = np.asarray(text, dtype=np.int64)
+    vocab = int(max(tokens.max(), text_arr.max(initial=0))) + 1
+    text_counts = np.bincount(text_arr, minlength=vocab)
+    owner = np.repeat(np.arange(len(references)), lengths)
+    pairs, counts = np.unique(owner * vocab + tokens, return_counts=True)
+    common = np.minimum(counts, text_counts[pairs % vocab])
+    bound = np.bincount(pairs // vocab, weights=common, minlength=len(references))
+    for i in np.flatnonzero(bound > threshold * lengths).tolist():
+        out[i] = lcs_length(references[i], text) > threshold * lengths[i]
+    return out

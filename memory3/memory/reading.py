@@ -68,32 +68,62 @@ def retrieve_for_chunks(bank, tokenizer, sequences: torch.Tensor, *, chunk_len: 
     return rows
 
 
+def encode_distinct(encoder, bank, rows: np.ndarray, *, grad: bool = False,
+                    batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, EncodedMemories]:
+    """Each distinct row of rows (any shape, -1 = none) encoded once, now, by `encoder` from the
+    references' tokens, ignoring what the bank stores: real-time encoding with the current weights.
+
+    Returns (distinct rows (U,) ascending, index (rows' shape) into them with -1 kept,
+    memories (U, ...)).
+    """
+    flat = np.asarray(rows, dtype=np.int64).reshape(-1)
+    distinct, inverse = np.unique(flat[flat >= 0], return_inverse=True)
+    index = np.full(flat.shape, -1, dtype=np.int64)
+    index[flat >= 0] = inverse
+    layout = bank.layout
+    weight = encoder.model.embed.weight
+    if not len(distinct):
+        return distinct, index.reshape(np.shape(rows)), EncodedMemories(
+            torch.zeros(0, *layout.kv_shape, device=weight.device, dtype=weight.dtype),
+            torch.zeros(0, *layout.positions_shape, dtype=torch.long, device=weight.device))
+    records = bank.references(distinct)
+    parts = []
+    for i in range(0, len(records), batch_size):
+        tokens, lengths = pack_references([r.tokens for r in records[i:i + batch_size]],
+                                          ref_bos_id=encoder.ref_bos_id, pad_id=PAD_ID,
+                                          reference_len=layout.reference_len)
+        parts.append(encoder.encode(tokens.to(weight.device), lengths.to(weight.device),
+                                    grad=grad))
+    memories = parts[0] if len(parts) == 1 else EncodedMemories(
+        torch.cat([p.kv for p in parts]), torch.cat([p.positions for p in parts]))
+    return distinct, index.reshape(np.shape(rows)), memories
+
+
+def _with_empty(x: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+    """x (U, ...) indexed by index (any shape, -1 = an all-zero entry) -> index.shape + (...)."""
+    padded = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+    where = torch.from_numpy(np.where(index >= 0, index, len(x))).to(x.device)
+    return padded[where]
+
+
 def encode_rows(encoder, bank, rows: np.ndarray, *, grad: bool = False,
                 batch_size: int = 64) -> EncodedMemories:
-    """Memories of rows (any shape, -1 = none) encoded now by `encoder` from the references'
-    tokens, ignoring what the bank stores: real-time encoding with the current weights."""
-    flat = np.asarray(rows, dtype=np.int64).reshape(-1)
-    unique, inverse = np.unique(flat[flat >= 0], return_inverse=True)
-    layout = bank.layout
-    device = encoder.model.embed.weight.device
-    kv = torch.zeros(len(flat), *layout.kv_shape, device=device,
-                     dtype=encoder.model.embed.weight.dtype)
-    positions = torch.zeros(len(flat), *layout.positions_shape, dtype=torch.long, device=device)
-    if len(unique):
-        records = bank.references(unique)
-        parts = []
-        for i in range(0, len(records), batch_size):
-            tokens, lengths = pack_references([r.tokens for r in records[i:i + batch_size]],
-                                              ref_bos_id=encoder.ref_bos_id, pad_id=PAD_ID,
-                                              reference_len=layout.reference_len)
-            parts.append(encoder.encode(tokens.to(device), lengths.to(device), grad=grad))
-        where = torch.from_numpy(np.flatnonzero(flat >= 0)).to(device)
-        pick = torch.from_numpy(inverse).to(device)
-        kv = kv.index_put((where,), torch.cat([p.kv for p in parts])[pick].to(kv.dtype))
-        positions[where] = torch.cat([p.positions for p in parts])[pick]
-    shape = np.shape(rows)
-    return EncodedMemories(kv.reshape(*shape, *layout.kv_shape),
-                           positions.reshape(*shape, *layout.positions_shape))
+    """`encode_distinct`'s memories laid out as rows: kv rows.shape + (L_mem, 2, G, K, D),
+    positions rows.shape + (L_mem, G, K); -1 gives an all-empty memory."""
+    _, index, memories = encode_distinct(encoder, bank, rows, grad=grad, batch_size=batch_size)
+    return EncodedMemories(_with_empty(memories.kv, index), _with_empty(memories.positions, index))
+
+
+def read_distinct(memories: EncodedMemories, index: np.ndarray, sink: torch.Tensor | None, *,
+                  first_chunk: int = 0) -> ChunkMemories:
+    """ChunkMemories for index (B, C, M) into distinct memories (U, ...), -1 = none.
+
+    Slots are compacted per distinct memory, before the expansion to (B, C, M) that repeats each
+    one up to M times; compaction is per memory, so the result equals compacting after it.
+    """
+    kv, valid = compact_slots(memories.kv, memories.positions)
+    return ChunkMemories(kv=_with_empty(kv, index), valid=_with_empty(valid, index), sink=sink,
+                         first_chunk=first_chunk)
 
 
 def chunk_memories(bank, rows: np.ndarray, sink: torch.Tensor | None, *, first_chunk: int = 0,
@@ -101,7 +131,9 @@ def chunk_memories(bank, rows: np.ndarray, sink: torch.Tensor | None, *, first_c
                    encoder=None) -> ChunkMemories:
     """Memories of rows (B, C, M), ready for `model(..., memory=...)`: as stored in the bank, or
     encoded now by `encoder` (for a model whose weights differ from those that filled the bank)."""
-    encoded = (bank.memories(rows, device=device, dtype=dtype) if encoder is None
-               else encode_rows(encoder, bank, rows).to(device, dtype))
-    kv, valid = compact_slots(encoded.kv, encoded.positions)
-    return ChunkMemories(kv=kv, valid=valid, sink=sink, first_chunk=first_chunk)
+    if encoder is None:
+        encoded = bank.memories(rows, device=device, dtype=dtype)
+        kv, valid = compact_slots(encoded.kv, encoded.positions)
+        return ChunkMemories(kv=kv, valid=valid, sink=sink, first_chunk=first_chunk)
+    _, index, encoded = encode_distinct(encoder, bank, rows)
+    return read_distinct(encoded.to(device, dtype), index, sink, first_chunk=first_chunk)

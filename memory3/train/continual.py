@@ -11,8 +11,6 @@ bank grows as training reads it.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import torch
 
@@ -20,9 +18,10 @@ from memory3.config import ConfigError, Recipe
 from memory3.data import Tokenizer, load_manifest
 from memory3.memory.bank import MemoryBank
 from memory3.memory.encoder import EncodedMemories, MemoryEncoder
-from memory3.memory.overlap import EVAL_OVERLAP, exceeds
-from memory3.memory.reading import chunk_texts, encode_rows, retrieve_for_chunks
-from memory3.model import ChunkMemories, ModelOutput, compact_slots
+from memory3.memory.overlap import EVAL_OVERLAP, exceeding
+from memory3.memory.reading import (chunk_texts, encode_distinct, read_distinct,
+                                    retrieve_for_chunks)
+from memory3.model import ModelOutput
 from memory3.train.phases import Batch, WarmupPhase
 
 
@@ -49,18 +48,21 @@ class ContinualPhase(WarmupPhase):
         candidates, _ = self.bank.retrieve([t for row in texts for t in row],
                                            n_new + c.extra_candidates)
         candidates = candidates.reshape(B, C, -1)
+        # One read of the store for the whole batch: sequences often retrieve the same rows.
+        everything = np.unique(candidates[candidates >= 0])
+        records = self.bank.references(everything)
+        tokens = {int(r): rec.tokens for r, rec in zip(everything, records)}
         picked = np.full((B, C, n_new), -1, dtype=np.int64)
         for b in range(B):
-            seq = sequences[b].tolist()
-            counts = Counter(seq)
-            rows = [int(r) for r in np.unique(candidates[b][candidates[b] >= 0])]
-            copies = {r for r, rec in zip(rows, self.bank.references(rows))
-                      if exceeds(rec.tokens, seq, c.overlap_threshold, counts)}
+            rows = np.unique(candidates[b][candidates[b] >= 0]).tolist()
+            too_close = exceeding([tokens[r] for r in rows], sequences[b].tolist(),
+                                  c.overlap_threshold)
+            copies = {r for r, copy in zip(rows, too_close.tolist()) if copy}
             for ci in range(C):
                 # Chunk ci + 1 reads the picks of chunks ci - N + 1 .. ci: no repeats among them.
                 recent = set(picked[b, max(0, ci - N + 1):ci].ravel().tolist())
-                fresh = [int(r) for r in candidates[b, ci]
-                         if r >= 0 and int(r) not in copies and int(r) not in recent]
+                fresh = [r for r in candidates[b, ci].tolist()
+                         if r >= 0 and r not in copies and r not in recent]
                 picked[b, ci, :len(fresh[:n_new])] = fresh[:n_new]
         reads = np.full((B, C, N, n_new), -1, dtype=np.int64)
         for j in range(N):  # chunk ci reads the picks of chunk ci - 1 - j
@@ -76,12 +78,10 @@ class ContinualPhase(WarmupPhase):
     def forward(self, engine, batch: Batch) -> ModelOutput:
         model = engine.module
         encoder = MemoryEncoder(model)
-        rows = batch["rows"].numpy()
-        encoded = encode_rows(encoder, self.bank, rows)
-        kv, valid = compact_slots(encoded.kv, encoded.positions)
-        memory = ChunkMemories(kv=kv, valid=valid, sink=encoder.sink_kv())
+        distinct, index, encoded = encode_distinct(encoder, self.bank, batch["rows"].numpy())
+        memory = read_distinct(encoded, index, encoder.sink_kv())
         if self.recipe.continual.write_back and self.rank == 0 and model.training:
-            self._write_back(rows, encoded)
+            self._write_back(distinct, encoded)
         return engine(batch["inputs"], batch["targets"], memory=memory)
 
     def eval_batches(self):
@@ -92,17 +92,14 @@ class ContinualPhase(WarmupPhase):
                 k=cfg.memories_per_chunk, overlap_threshold=EVAL_OVERLAP))
             yield batch
 
-    def _write_back(self, rows: np.ndarray, encoded: EncodedMemories):
-        """Keep the fresh memories of rows the bank has none for; `flush` writes them."""
-        flat = rows.reshape(-1)
-        unique, first = np.unique(flat, return_index=True)
-        keep = unique >= 0
-        unique, first = unique[keep], first[keep]
-        cold = self.bank.missing(unique) & ~np.isin(unique, list(self.pending))
-        kv = encoded.kv.reshape(len(flat), *encoded.kv.shape[rows.ndim:])
-        positions = encoded.positions.reshape(len(flat), *encoded.positions.shape[rows.ndim:])
-        for row, i in zip(unique[cold], first[cold]):
-            self.pending[int(row)] = EncodedMemories(kv[i:i + 1].cpu(), positions[i:i + 1].cpu())
+    def _write_back(self, distinct: np.ndarray, encoded: EncodedMemories):
+        """Keep the fresh memories (encoded, one per distinct row) of rows the bank has none for;
+        `flush` writes them."""
+        if not len(distinct):
+            return
+        cold = self.bank.missing(distinct) & ~np.isin(distinct, list(self.pending))
+        for i in np.flatnonzero(cold).tolist():
+            self.pending[int(distinct[i])] = encoded[i].to("cpu")
 
     def flush(self, step: int, run_dir):
         """Write the pending memories to the bank, recorded as made by this run at this step."""
