@@ -1,10 +1,17 @@
-"""Generation with explicit memory: KV-cache decoding that swaps memories chunk by chunk.
+"""Generation with retrieval: KV-cache decoding that swaps references chunk by chunk.
 
 Chunks are fixed by absolute position (chunk c = positions [c*L, (c+1)*L), L = chunk_len), the
-geometry the model was trained with. The prompt is known text, so each prompt chunk reads
-memories retrieved with its own text. The rest of the last prompt chunk (the first generated
-tokens) keeps that chunk's memories; at every later chunk boundary the memories are dropped and
-`memories_per_chunk` new ones are retrieved with the L tokens just completed as the query.
+geometry the model was trained with. The prompt is known text, so each prompt chunk retrieves with
+its own text. The rest of the last prompt chunk (the first generated tokens) keeps that chunk's
+references; at every later chunk boundary they are dropped and `memories_per_chunk` new ones are
+retrieved with the L tokens just completed as the query.
+
+Two ways to read the retrieved references, with the same queries and references (SPEC 1b):
+  memory  as explicit memories: each chunk's memory block is swapped in, the context's KV cache
+          stays (the model keeps the block in reserved slots of the cache, attention.py).
+  rag     as plain text in front of the context. The prefix changes at every chunk boundary and
+          the context's keys sit after it, so the whole cache is rebuilt there: what text RAG
+          really costs when decoding.
 """
 from __future__ import annotations
 
@@ -14,14 +21,16 @@ import numpy as np
 import torch
 
 from memory3.memory.encoder import MemoryEncoder
-from memory3.memory.reading import chunk_memories, chunk_texts
+from memory3.memory.reading import chunk_memories
 from memory3.model import Transformer
 from memory3.model.transformer import sample_next
+
+MODES = ("memory", "rag")
 
 
 @dataclass
 class Retrieval:
-    chunk: int               # chunk index; its memories serve positions [chunk*L, (chunk+1)*L)
+    chunk: int               # chunk index; its references serve positions [chunk*L, (chunk+1)*L)
     position: int            # number of tokens in the sequence when the retrieval was made
     query: str
     references: list[dict]   # row, doc_id, start, end, text of each retrieved reference
@@ -34,12 +43,26 @@ class Generation:
     retrievals: list[Retrieval] = field(default_factory=list)
 
 
+def rag_inputs(reference_tokens: list[int], context: list[int], chunk_start: int, chunk_end: int,
+               max_len: int) -> list[int]:
+    """[references; context] for the chunk [chunk_start, chunk_end) whose tokens so far end
+    `context`. A model with a short context cannot take everything: the chunk stays whole, then
+    the references, then earlier context (the rule of eval/perplexity.py's rag mode)."""
+    refs = reference_tokens[:max(0, max_len - (chunk_end - chunk_start))]
+    context_start = max(0, chunk_end - (max_len - len(refs)))
+    return refs + list(context[context_start:])
+
+
 @torch.no_grad()
-def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, max_new_tokens: int = 64,
-             temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
-             stop_at_eos: bool = True, encode_now: bool = False) -> Generation:
-    """encode_now: encode retrieved references with this model rather than reading the bank's
-    memories (for a bank filled by other weights)."""
+def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, mode: str = "memory",
+             max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+             seed: int = 0, stop_at_eos: bool = True, encode_now: bool = False) -> Generation:
+    """Continue `prompt`, retrieving from `bank` every chunk (no bank: plain decoding).
+
+    mode: "memory" or "rag" (module docstring). encode_now: encode retrieved references with this
+    model rather than reading the bank's memories (for a bank filled by other weights)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown generation mode {mode!r}; known: {list(MODES)}")
     cfg = model.cfg
     L, M = cfg.chunk_len, cfg.memories_per_chunk
     device = model.embed.weight.device
@@ -51,12 +74,12 @@ def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, max_new_t
                          f"{cfg.max_seq_len}")
     generator = torch.Generator(device=device).manual_seed(seed)
     result = Generation(text="", tokens=tokens)
-    encoder = MemoryEncoder(model) if bank is not None else None
-    sink = encoder.sink_kv() if encoder is not None else None
-    reader = dict(device=model.embed.weight.device, dtype=model.embed.weight.dtype,
-                  encoder=encoder if encode_now else None)
 
-    def retrieve(chunk: int, query: str) -> np.ndarray:
+    def retrieve(chunk: int) -> np.ndarray:
+        """Rows (M,) of chunk's references: its own text in the prompt, else the chunk before."""
+        lo, hi = ((chunk * L, min((chunk + 1) * L, prompt_len)) if chunk * L < prompt_len
+                  else ((chunk - 1) * L, chunk * L))
+        query = tokenizer.decode(tokens[lo:hi])
         rows = bank.retrieve([query], M)[0][0]
         records = bank.references(rows[rows >= 0])
         result.retrievals.append(Retrieval(chunk, len(tokens), query, [
@@ -64,27 +87,59 @@ def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, max_new_t
             for r in records]))
         return rows
 
-    cache = model.new_cache(1, total)
-    memory = None
-    if bank is not None:
-        texts = chunk_texts(tokens, tokenizer, L)
-        rows = np.stack([retrieve(c, t) for c, t in enumerate(texts)])[None]  # (1, C, M)
-        memory = chunk_memories(bank, rows, sink, **reader)
-    logits = model(torch.tensor([tokens], device=device), cache=cache, memory=memory).logits[0, -1]
-    if memory is not None:  # decoding continues in the last prompt chunk with its memories
-        last = memory.kv.shape[1] - 1
-        memory = chunk_memories(bank, rows[:, last:], sink, first_chunk=last, **reader)
+    memory = None  # the ChunkMemories read now (memory mode)
+    if bank is not None and mode == "rag":
+        cache = model.new_cache(1, cfg.max_seq_len, memory_slots=0)
+
+        def read(chunk: int) -> torch.Tensor:
+            """Rebuild the cache as [chunk's references; context] and return the last logits."""
+            rows = retrieve(chunk)
+            refs = [t for r in bank.references(rows[rows >= 0]) for t in r.tokens]
+            inputs = rag_inputs(refs, tokens, chunk * L, min((chunk + 1) * L, total),
+                                cfg.max_seq_len)
+            cache.reset()
+            return model(torch.tensor([inputs], device=device), cache=cache,
+                         last_only=True).logits[0, -1]
+    else:
+        cache = model.new_cache(1, total)
+        encoder = MemoryEncoder(model) if bank is not None else None
+        sink = encoder.sink_kv() if encoder is not None else None
+        reader = dict(device=device, dtype=model.embed.weight.dtype,
+                      encoder=encoder if encode_now else None)
+        if bank is not None:  # every prompt chunk reads its own memories
+            rows = np.stack([retrieve(c) for c in range(-(-prompt_len // L))])[None]  # (1, C, M)
+            memory = chunk_memories(bank, rows, sink, **reader)
+
+        def read(chunk: int) -> torch.Tensor:
+            nonlocal memory
+            if chunk * L < prompt_len:  # the prompt, with all its chunks' memories
+                logits = model(torch.tensor([tokens], device=device), cache=cache, memory=memory,
+                               last_only=True).logits[0, -1]
+                if memory is not None:  # decoding continues in this chunk with its memories
+                    memory = chunk_memories(bank, rows[:, chunk:], sink, first_chunk=chunk,
+                                            **reader)
+                return logits
+            if bank is not None:
+                memory = chunk_memories(bank, retrieve(chunk)[None, None], sink,
+                                        first_chunk=chunk, **reader)
+            return step()
+
+    def step() -> torch.Tensor:
+        return model(torch.tensor([tokens[-1:]], device=device), cache=cache,
+                     memory=memory).logits[0, -1]
+
+    chunk = (prompt_len - 1) // L
+    logits = read(chunk)
     while len(tokens) < total:
         nxt = int(sample_next(logits[None], temperature, top_k, generator)[0])
         tokens.append(nxt)
         if (stop_at_eos and nxt == tokenizer.eos_id) or len(tokens) >= total:
             break
         position = len(tokens) - 1  # of the token fed next
-        if bank is not None and position % L == 0:
+        if bank is not None and position // L != chunk:
             chunk = position // L
-            rows = retrieve(chunk, tokenizer.decode(tokens[position - L:position]))[None, None]
-            memory = chunk_memories(bank, rows, sink, first_chunk=chunk, **reader)
-        logits = model(torch.tensor([[nxt]], device=device), cache=cache,
-                       memory=memory).logits[0, -1]
+            logits = read(chunk)
+        else:
+            logits = step()
     result.text = tokenizer.decode(tokens[prompt_len:])
     return result

@@ -184,3 +184,71 @@ def test_memories_must_cover_the_queries():
     model, mem = model_and_memories(n_chunks=2)
     with pytest.raises(ValueError, match="memories cover chunks 0..1"):
         model(torch.randint(0, 512, (2, 24)), memory=mem)
+
+
+def decode_stepwise(model, x, mem, cache, prefill: int, per_chunk: bool = True):
+    """Logits of x fed as one prefill then token by token, each step reading its chunk's
+    memories (a one-chunk ChunkMemories, as generation makes them, or all of mem)."""
+    L = model.cfg.chunk_len
+    C = -(-prefill // L)
+    steps = [model(x[:, :prefill], cache=cache, memory=ChunkMemories(
+        mem.kv[:, :C], mem.valid[:, :C], mem.sink)).logits]
+    for t in range(prefill, x.shape[1]):
+        c = t // L
+        chunk_mem = (ChunkMemories(mem.kv[:, c:c + 1], mem.valid[:, c:c + 1], mem.sink,
+                                   first_chunk=c) if per_chunk else mem)
+        steps.append(model(x[:, t:t + 1], cache=cache, memory=chunk_mem).logits)
+    return torch.cat(steps, dim=1)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prefill", [5, 11])  # within chunk 0 (held block, T > 1) / across two
+@pytest.mark.parametrize("per_chunk", [True, False])
+def test_held_memory_blocks_match_full_forward_with_uneven_rows(prefill, per_chunk):
+    """Decoding keeps the chunk's block in cache slots; rows holding different numbers of valid
+    slots (row 1 has empty ones, row 0 none in chunk 2) must still see exactly their own."""
+    model, mem = model_and_memories()
+    mem.valid[0, 2] = True
+    mem.valid[1, 1, 0, 1:] = False
+    mem.kv.mul_(mem.valid[:, :, :, None, None, None, :, None])
+    x = torch.randint(0, 512, (2, 24))
+    full = model(x, memory=mem).logits
+    cache = model.new_cache(2, 24)
+    assert cache.memory_slots == 1 + 2 * 4
+    out = decode_stepwise(model, x, mem, cache, prefill, per_chunk)
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)
+    assert cache.reading and cache.held[0] == 9 and cache.held[1] == 1  # layer 1: sink only
+
+
+@torch.no_grad()
+def test_decoding_without_memory_slots_concatenates_and_agrees():
+    model, mem = model_and_memories()
+    x = torch.randint(0, 512, (2, 24))
+    out = decode_stepwise(model, x, mem, model.new_cache(2, 24, memory_slots=0), 11)
+    torch.testing.assert_close(out, model(x, memory=mem).logits, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_held_block_follows_in_place_edits_and_plain_steps():
+    model, mem = model_and_memories()
+    x = torch.randint(0, 512, (2, 24))
+    original = lambda: ChunkMemories(mem.kv.clone(), mem.valid, mem.sink)  # noqa: E731
+    edited = original()
+    edited.kv[:, 2] *= 3.0
+    caches = {"in place": model.new_cache(2, 24), "new object": model.new_cache(2, 24),
+              "slotless": model.new_cache(2, 24, memory_slots=0)}
+    steps = {}
+    for name, cache in caches.items():
+        before = original()
+        model(x[:, :17], cache=cache, memory=before)
+        model(x[:, 17:18], cache=cache, memory=before)   # chunk 2's block is held now
+        if name == "in place":
+            before.kv[:, 2] *= 3.0                        # ...and stale unless re-read
+        steps[name] = model(x[:, 18:19], cache=cache, memory=before if name == "in place"
+                            else edited).logits
+    torch.testing.assert_close(steps["in place"], steps["new object"])
+    torch.testing.assert_close(steps["in place"], steps["slotless"], atol=1e-5, rtol=1e-5)
+    # a step without memory ignores the held block: as a cache that never held one
+    plain = [model(x[:, 19:20], cache=c).logits for c in caches.values()]
+    torch.testing.assert_close(plain[0], plain[2], atol=1e-5, rtol=1e-5)
+    assert not caches["in place"].reading

@@ -111,6 +111,22 @@ def test_kv_cache_matches_full_forward(heads):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_last_only_logits_and_cache_reset():
+    cfg = tiny()
+    model = build(cfg)
+    x = tokens(cfg, 2, 12)
+    with torch.no_grad():
+        full = model(x).logits
+        torch.testing.assert_close(model(x, last_only=True).logits, full[:, -1:])
+        cache = model.new_cache(batch_size=2, max_len=12)
+        model(x[:, :5], cache=cache)
+        cache.reset()  # reused from position 0, as rag decoding does at every chunk
+        torch.testing.assert_close(model(x, cache=cache, last_only=True).logits, full[:, -1:],
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no loss"):
+        model(x, x, last_only=True)
+
+
 def test_kv_cache_overflow_and_max_seq_len_raise():
     cfg = tiny(max_seq_len=16)
     model = build(cfg)

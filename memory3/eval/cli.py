@@ -65,6 +65,9 @@ def add_generate_parser(sub):
     p = sub.add_parser("generate", help="generate text, retrieving memories every chunk")
     _common(p)
     p.add_argument("--prompt", required=True)
+    p.add_argument("--mode", choices=["memory", "rag"], default="memory",
+                   help="read the retrieved references as memories, or as text in front of the "
+                        "context (rag: same references, cache rebuilt every chunk)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int)
@@ -78,7 +81,8 @@ def cmd_generate(args):
 
     from memory3.generate import generate
     model, _, tokenizer, bank = _load(args)
-    out = generate(model, tokenizer, args.prompt, bank=bank, max_new_tokens=args.max_new_tokens,
+    out = generate(model, tokenizer, args.prompt, bank=bank, mode=args.mode,
+                   max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                    encode_now=bool(args.bank and args.encode_now))
     print(args.prompt + out.text)

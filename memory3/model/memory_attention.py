@@ -112,13 +112,26 @@ class LayerMemory(NamedTuple):
     chunk_len: int
 
 
+def memory_version(mem: ChunkMemories) -> tuple:
+    """Changes when mem is edited in place (tensor version counters), so that blocks derived
+    from it and cached are never stale."""
+    return (mem.first_chunk, mem.kv._version, mem.valid._version,
+            None if mem.sink is None else mem.sink._version)
+
+
+def check_covers(q_chunk_first: int, q_chunk_last: int, first_chunk: int, n_chunks: int) -> None:
+    """Chunk indices are relative to first_chunk."""
+    if q_chunk_first < 0 or q_chunk_last >= n_chunks:
+        raise ValueError(f"memories cover chunks {first_chunk}..{first_chunk + n_chunks - 1} but "
+                         f"the queries fall in chunks {q_chunk_first + first_chunk}.."
+                         f"{q_chunk_last + first_chunk}")
+
+
 def layer_memory(mem: ChunkMemories, layer: int, cfg: ModelConfig,
                  q_start: int) -> LayerMemory | None:
     ids = cfg.memory_layer_ids
     slot = ids.index(layer) if layer in ids else None
-    # Tensor version counters change on in-place edits, so a cached block is never stale.
-    version = (mem.first_chunk, mem.kv._version, mem.valid._version,
-               None if mem.sink is None else mem.sink._version)
+    version = memory_version(mem)
     cached_version, blocks = mem._blocks.get(layer, (None, None))
     if cached_version != version:
         blocks = chunk_blocks(mem, layer, slot, cfg.chunk_len, cfg.reference_len, cfg.rope_theta)
@@ -149,10 +162,7 @@ def memory_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     T, S = q.shape[2], k.shape[2]
     q_pos = torch.arange(mem.q_start, mem.q_start + T, device=q.device)
     q_chunk = q_pos // mem.chunk_len - mem.first_chunk               # (T,)
-    if q_chunk[0] < 0 or q_chunk[-1] >= C:
-        raise ValueError(f"memories cover chunks {mem.first_chunk}..{mem.first_chunk + C - 1} but "
-                         f"the queries fall in chunks {int(q_chunk[0]) + mem.first_chunk}.."
-                         f"{int(q_chunk[-1]) + mem.first_chunk}")
+    check_covers(int(q_chunk[0]), int(q_chunk[-1]), mem.first_chunk, C)
     own = q_chunk[:, None, None] == torch.arange(C, device=q.device)[None, :, None]  # (T, C, 1)
     mem_mask = (own[None] & mem.valid[:, None]).flatten(2)           # (B, T, C*Sm)
     causal = q_pos[:, None] >= torch.arange(S, device=q.device)[None, :]

@@ -11,7 +11,8 @@ from torch import nn
 from memory3.config import ModelConfig
 from memory3.model.attention import Attention, KVCache
 from memory3.model.layers import GatedMLP, RMSNorm, rotary_tables
-from memory3.model.memory_attention import ChunkMemories, layer_memory
+from memory3.model.memory_attention import (ChunkMemories, check_covers, layer_memory,
+                                            memory_version)
 
 IGNORE_INDEX = -100
 
@@ -75,8 +76,11 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None,
-                memory: ChunkMemories | None = None) -> ModelOutput:
+                memory: ChunkMemories | None = None, last_only: bool = False) -> ModelOutput:
         """tokens (B, T) -> logits (B, T, vocab); loss when targets (B, T) are given.
+
+        last_only: logits of the last position only (B, 1, vocab), for a prefill that only
+        samples the next token (the vocabulary projection of the others would be thrown away).
 
         With a cache, tokens continue the cached sequence at position `cache.length`. With
         memory, every layer reads the reference-BOS sink and memory layers read the memories of
@@ -89,11 +93,18 @@ class Transformer(nn.Module):
                              f"{self.cfg.max_seq_len}")
         x = self.embed(tokens)
         cos, sin = self.rotary(start, T, x.device, x.dtype)
+        held = cache is not None and memory is not None and self._hold(memory, cache, start, T)
+        if cache is not None:
+            cache.reading = held
         for i, block in enumerate(self.blocks):
-            read = None if memory is None else layer_memory(memory, i, self.cfg, start)
+            read = None if memory is None or held else layer_memory(memory, i, self.cfg, start)
             x = block(x, cos, sin, cache, read)
         if cache is not None:
             cache.length += T
+        if last_only:
+            if targets is not None:
+                raise ValueError("last_only gives no loss: it has logits of one position")
+            x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
@@ -101,9 +112,38 @@ class Transformer(nn.Module):
                                    ignore_index=IGNORE_INDEX)
         return ModelOutput(logits, loss)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def _hold(self, memory: ChunkMemories, cache: KVCache, start: int, T: int) -> bool:
+        """Keep the memory block of the queries' chunk in the cache's slots (attention.py),
+        written when the chunk or its memories change: True when the queries all fall in one
+        chunk and its block fits. Otherwise memory_attention reads the blocks (a prefill)."""
+        L = self.cfg.chunk_len
+        chunk = start // L
+        if cache.memory_slots == 0 or (start + T - 1) // L != chunk:
+            return False
+        key = (memory_version(memory), chunk)
+        if cache.held_key is not None and cache.held_key[0] is memory and cache.held_key[1] == key:
+            return True
+        c = chunk - memory.first_chunk
+        check_covers(c, c, memory.first_chunk, memory.valid.shape[1])
+        blocks = [layer_memory(memory, i, self.cfg, start) for i in range(self.cfg.n_layers)]
+        if any(b is not None and int(b.valid[:, c].sum(-1).max()) > cache.memory_slots
+               for b in blocks):
+            return False
+        for i, b in enumerate(blocks):
+            cache.hold(i, *((None,) * 3 if b is None else (b.k[:, :, c], b.v[:, :, c],
+                                                           b.valid[:, c])))
+        cache.held_key = (memory, key)
+        return True
+
+    def new_cache(self, batch_size: int, max_len: int | None = None,
+                  memory_slots: int | None = None) -> KVCache:
+        """memory_slots: cache slots reserved for the memory block of the chunk being decoded
+        (attention.py); default: room for the sink and a full chunk's memories."""
         p = self.embed.weight
-        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, p.device, p.dtype)
+        if memory_slots is None:
+            memory_slots = 1 + self.cfg.memories_per_chunk * self.cfg.memory_top_k
+        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, p.device, p.dtype,
+                       memory_slots)
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,

@@ -1,0 +1,106 @@
+"""Generation with retrieval: memory and rag modes read the same references; rag decoding with its
+rebuilt cache equals a full forward over the same [references; context]."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from memory3.config import Recipe
+from memory3.data.synthetic import make_world, write_world
+from memory3.generate import generate, rag_inputs
+from memory3.memory.bank import MemoryBank
+from memory3.memory.build import build_bank
+from memory3.train.checkpoint import load_model, load_tokenizer
+from memory3.train.trainer import train
+
+L = 16  # small chunks so that a short generation crosses several boundaries
+PROMPT = "The city of Velmora was founded by a man from the river lands"
+
+
+@pytest.fixture(scope="module")
+def run_and_bank(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    recipe = Recipe.from_name("tiny-warmup").override(
+        [f"data.path={tiny_data}", "train.max_steps=6", "train.eval_every=100",
+         f"model.chunk_len={L}", "model.memories_per_chunk=3"])
+    train(recipe, root / "run", progress=False)
+    world = write_world(make_world(seed=0, n_entities=60), root / "world")
+    build_bank(root / "run", [world["knowledge"]], root / "bank", progress=False)
+    return root / "run", root / "bank"
+
+
+@pytest.fixture(scope="module")
+def parts(run_and_bank):
+    run, bank_dir = run_and_bank
+    model, _, _ = load_model(run)
+    return model.eval(), load_tokenizer(run), MemoryBank.open(bank_dir)
+
+
+def rows_of(retrieval) -> list[int]:
+    return [ref["row"] for ref in retrieval.references]
+
+
+def test_rag_retrieves_like_memory_mode(parts):
+    model, tok, bank = parts
+    memory = generate(model, tok, PROMPT, bank=bank, max_new_tokens=50, stop_at_eos=False)
+    rag = generate(model, tok, PROMPT, bank=bank, mode="rag", max_new_tokens=50,
+                   stop_at_eos=False)
+    n_prompt = len(tok.encode(PROMPT)) + 1
+    last_prompt_chunk = (n_prompt - 1) // L
+    assert len(rag.tokens) == len(memory.tokens) == n_prompt + 50
+    # rag needs no memories for the earlier prompt chunks; from the last one on, one retrieval
+    # per chunk, made at the same moment with the same rule as memory mode.
+    assert [r.chunk for r in rag.retrievals] == list(range(last_prompt_chunk,
+                                                           -(-len(rag.tokens) // L)))
+    first_rag, first_memory = rag.retrievals[0], memory.retrievals[last_prompt_chunk]
+    assert (first_rag.query, rows_of(first_rag)) == (first_memory.query, rows_of(first_memory))
+    for out in (rag, memory):
+        for r in out.retrievals:
+            if r.chunk > last_prompt_chunk:
+                assert r.position == r.chunk * L + 1
+                assert r.query == tok.decode(out.tokens[(r.chunk - 1) * L:r.chunk * L])
+            assert rows_of(r) == [int(i) for i in bank.retrieve([r.query], 3)[0][0] if i >= 0]
+
+
+@torch.no_grad()
+def test_rag_decoding_equals_full_forward_over_the_same_prefix(parts):
+    model, tok, bank = parts
+    out = generate(model, tok, PROMPT, bank=bank, mode="rag", max_new_tokens=40,
+                   stop_at_eos=False)
+    refs = {r.chunk: [t for row in rows_of(r) for t in bank.references([row])[0].tokens]
+            for r in out.retrievals}
+    n_prompt = len(tok.encode(PROMPT)) + 1
+    for p in range(n_prompt, len(out.tokens)):  # token p was sampled after feeding token p-1
+        chunk = (p - 1) // L
+        inputs = rag_inputs(refs[chunk], out.tokens[:p], chunk * L,
+                            min((chunk + 1) * L, len(out.tokens)), model.cfg.max_seq_len)
+        assert inputs[-(p - chunk * L):] == out.tokens[chunk * L:p]
+        logits = model(torch.tensor([inputs])).logits[0, -1]
+        assert int(logits.argmax()) == out.tokens[p], f"position {p}"
+
+
+def test_rag_inputs_keep_the_chunk_then_references_then_context():
+    refs, context = list(range(100, 130)), list(range(40))
+    assert rag_inputs(refs, context, 32, 48, 1000) == refs + context
+    # 24 slots: the chunk's 16 first, then 8 of the references, no earlier context
+    assert rag_inputs(refs, context, 32, 48, 24) == refs[:8] + context[32:]
+    # 60 slots: all 30 references, then the 30 latest context positions up to the chunk's end
+    assert rag_inputs(refs, context, 32, 48, 60) == refs + context[18:]
+
+
+def test_generate_cli_rag_mode(run_and_bank, tmp_path):
+    from conftest import run_memory3
+    run, bank = run_and_bank
+    out = tmp_path / "rag.json"
+    run_memory3("generate", "--checkpoint", str(run), "--bank", str(bank), "--mode", "rag",
+                "--prompt", PROMPT, "--max-new-tokens", "20", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["retrievals"] and all(r["references"] for r in result["retrievals"])
+
+
+def test_unknown_mode_is_refused(parts):
+    model, tok, bank = parts
+    with pytest.raises(ValueError, match="unknown generation mode"):
+        generate(model, tok, PROMPT, bank=bank, mode="text")
