@@ -1,8 +1,8 @@
 """Decoding speed with memory: plain decoding vs explicit memory vs text RAG, one model, one run.
 
-    python bench/decode_memory.py                        # small preset, 64 + 256 tokens, fp32, 1 thread
+    python bench/decode_memory.py             # small preset, 64 + 256 tokens, fp32, 1 thread
     python bench/decode_memory.py --dtype bf16 --reps 9
-    python bench/decode_memory.py --profile              # + cProfile of one generation of each
+    python bench/decode_memory.py --profile   # + cProfile of one generation of each
 
 Setup (cached in --cache, built once): a generated world (memory3.data.synthetic) -> tokenizer ->
 token shards -> a `small` warmup checkpoint (a couple of steps: this is about speed, not text)
@@ -162,10 +162,11 @@ def main(argv=None):
               f"{statistics.median(tps[s]):18.1f}")
     for a, b, goal in (("memory", "none", "; goal >= 0.95"), ("memory", "rag", "; goal >= 2.0"),
                        ("memory", "memory_concat", "")):
+        medians = statistics.median(tps[a]) / statistics.median(tps[b])
         pairs = statistics.median(x / y for x, y in zip(tps[a], tps[b]))
-        print(f"ratio {a}/{b} (tokens/s): {statistics.median(tps[a]) / statistics.median(tps[b]):.3f}x"
-              f" (median of per-rep ratios {pairs:.3f}x, of minima {min(seconds[b]) / min(seconds[a]):.3f}x"
-              f"{goal})")
+        minima = min(seconds[b]) / min(seconds[a])
+        print(f"ratio {a}/{b} (tokens/s): {medians:.3f}x (median of per-rep ratios {pairs:.3f}x, "
+              f"of minima {minima:.3f}x{goal})")
     print(f"bank RAM cache: {bank.cache_hits} hits, {bank.cache_misses} misses; memory and "
           f"memory_concat generated the same tokens: "
           f"{outputs['memory'].tokens == outputs['memory_concat'].tokens}")
