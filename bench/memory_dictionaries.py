@@ -1,0 +1,354 @@
+"""Does explicit memory pay on real text? WordNet held out, GCIDE in the memory bank (SPEC 1c).
+
+A `small`-preset model is pretrained (phase warmup) on two dictionaries, WordNet 3.0 (dict-wn) and
+GCIDE (dict-gcide), then continually trained (phase continual) reading a memory bank of the same
+dictionaries, and evaluated on WordNet entries that are nowhere in its data or its bank. Each
+held-out word has a GCIDE entry in the bank, written in other words: the memories can carry
+knowledge the text being predicted does not repeat.
+
+    apt-get install -y dict-gcide dict-wn
+    python bench/memory_dictionaries.py --out bench_runs/memory-dict
+
+Stages (each skipped when its output exists, so a re-run continues where it stopped; the
+training and bank stages also resume mid-way through the library's own resume):
+ 1. corpus     Headwords are sampled (--universe of them, by a hash of the lower-cased word) so
+               that both dictionaries' entries for a word come together and the run fits a
+               CPU. GCIDE entries quoting WordNet 1.5 are dropped (they repeat WordNet glosses).
+               WordNet entries whose headword has a GCIDE entry are split by a hash of the word
+               into held-out, tune and the rest; entries sharing a gloss with a held-out or tune
+               entry are dropped (WordNet repeats a synset's gloss under each of its words). The
+               rest of both dictionaries, shuffled together, is both the training text and the
+               knowledge base (one entry = one document; entries over 127 tokens make several
+               references).
+ 2. tokenizer  sentencepiece (vocab 8192, the `small` preset's) on the training text; its shards.
+ 3. warmup     `memory3 train` phase warmup, from scratch.
+ 4. bank       `memory3 build-bank` with the warmup checkpoint over the knowledge base.
+ 5. continual  `memory3 train` phase continual from the warmup weights, reading that bank
+               (recipe small-continual: each chunk retrieves 1 reference, reads those of the 5
+               chunks before it, encoded in real time; training overlap filter 0.9).
+ 6. eval bank  `memory3 build-bank` with the continual checkpoint (same knowledge base, same
+               embedder), so `memory` mode reads memories stored in advance, as it would serve.
+ 7. eval       `memory3 eval` on held-out WordNet, modes none, memory, rag (causal retrieval,
+               overlap filter 2/3), for the continual checkpoint (the headline) and the warmup
+               one (what continual training changed).
+ 8. retrieval  for the same held-out sequences and the same retrieval call as `memory` mode: the
+               fraction of chunks whose retrieved references include an entry for a headword
+               of that chunk (so a miss can be told apart: retrieval or reading).
+Writes OUT/results.json and prints a table. --slice tune evaluates the tune slice instead (for
+choosing settings without looking at held-out numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from dictionaries import bucket, glosses, headword, quotes_wordnet, read_dictd  # noqa: E402
+
+SPLIT_SEED = "memory-dict"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench_runs/memory-dict")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--universe", type=float, default=0.012,
+                   help="fraction of headwords (both dictionaries) the run uses")
+    p.add_argument("--heldout-fraction", type=float, default=0.4,
+                   help="of the WordNet entries whose headword GCIDE defines too")
+    p.add_argument("--tune-fraction", type=float, default=0.1)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--warmup-steps", type=int, default=250)
+    p.add_argument("--warmup-lr", type=float, default=2e-3)
+    p.add_argument("--continual-steps", type=int, default=80)
+    p.add_argument("--continual-lr", type=float, default=1e-3)
+    p.add_argument("--memory-layers", default="first_half",
+                   help="model.memory_layers for the whole run (it is part of the model config)")
+    p.add_argument("--embedder", default="hashing:4096",
+                   help="retrieval embedder of the banks (see memory3 build-bank --embedder)")
+    p.add_argument("--eval-bank", choices=("continual", "warmup"), default="continual",
+                   help="continual: build a bank with the continual weights for evaluation; "
+                        "warmup: evaluate with the warmup bank, `memory3 eval` then encodes the "
+                        "retrieved references as it reads them (memory mode's time includes that)")
+    p.add_argument("--eval-sequences", type=int, default=32)
+    p.add_argument("--warmup-modes", default="none,memory",
+                   help="modes evaluated for the warmup checkpoint (rag is slow: one forward "
+                        "per chunk)")
+    p.add_argument("--slice", choices=("heldout", "tune"), default="heldout",
+                   help="which WordNet slice stage 7-8 evaluate")
+    p.add_argument("--tag", default="",
+                   help="suffix of the continual run, its bank and its results (for trying "
+                        "another continual setting next to the first)")
+    return p.parse_args(argv)
+
+
+# -- 1. corpus -----------------------------------------------------------------------------------
+def build_corpus(out: Path, args) -> dict[str, Path]:
+    files = {n: out / f"{n}.jsonl" for n in ("train", "tune", "heldout")}
+    if all(f.exists() for f in files.values()):
+        return files
+    in_universe = lambda head: bucket(headword(head), f"{SPLIT_SEED}-universe") < args.universe
+    wordnet = [(h, t) for h, t in read_dictd("wn") if in_universe(h)]
+    gcide = [(h, t) for h, t in read_dictd("gcide") if in_universe(h) and not quotes_wordnet(t)]
+    defined_by_gcide = {headword(h) for h, _ in gcide}
+    heldout, tune, rest = [], [], []
+    for h, t in wordnet:
+        u = bucket(headword(h), f"{SPLIT_SEED}-split")
+        if headword(h) in defined_by_gcide and u < args.heldout_fraction:
+            heldout.append((h, t))
+        elif headword(h) in defined_by_gcide and u < args.heldout_fraction + args.tune_fraction:
+            tune.append((h, t))
+        else:
+            rest.append(("wn", h, t))
+    unseen = set().union(*(glosses(t) for _, t in heldout + tune))
+    kept = [e for e in rest if not glosses(e[2]) & unseen]
+    dropped = len(rest) - len(kept)
+    kept += [("gcide", h, t) for h, t in gcide]
+    kept.sort(key=lambda e: bucket(e[2], f"{SPLIT_SEED}-order"))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {"train": [{"text": t, "head": headword(h), "dict": d} for d, h, t in kept],
+            "tune": [{"text": t, "head": headword(h), "dict": "wn"} for h, t in tune],
+            "heldout": [{"text": t, "head": headword(h), "dict": "wn"} for h, t in heldout]}
+    for name, docs in rows.items():
+        tmp = files[name].with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        tmp.replace(files[name])
+    stats = {"wordnet_entries": len(wordnet), "gcide_entries": len(gcide),
+             "heldout_entries": len(heldout), "tune_entries": len(tune),
+             "dropped_sharing_a_gloss": dropped, "train_entries": len(kept),
+             "train_chars": sum(len(e[2]) for e in kept)}
+    (out / "corpus.json").write_text(json.dumps(stats, indent=1) + "\n")
+    return files
+
+
+# -- helpers: the CLI is the pipeline under test -----------------------------------------------
+def memory3(args: list[str], log: Path, threads: int) -> None:
+    """Run `python -m memory3 ...`, output to `log`; fail loudly with its tail."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "memory3", *args]
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+    if rc:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+        sys.exit(f"memory3 {args[0]} failed (exit {rc}); log {log}:\n{tail}")
+
+
+def last_step(run: Path) -> int:
+    info = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return int(info[-1].name.split("-")[1]) if info else 0
+
+
+def metrics_summary(run: Path) -> dict:
+    """First and last training losses (mean of 10 steps), last validation loss, median tok/s."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    losses = [r["loss"] for r in train]
+    return {"steps": train[-1]["step"], "loss_first10": float(np.mean(losses[:10])),
+            "loss_last10": float(np.mean(losses[-10:])),
+            "tokens_per_s_median": float(np.median([r["tokens_per_s"] for r in train])),
+            "val": [{"step": r["step"], "val_loss": r["val_loss"]} for r in evals]}
+
+
+def bank_complete(bank: Path) -> bool:
+    manifest = bank / "manifest.json"
+    return manifest.exists() and all(b["complete"] for b in
+                                     json.loads(manifest.read_text())["builds"])
+
+
+# -- 8. retrieval ------------------------------------------------------------------------------
+def retrieval_hits(checkpoint: Path, bank_dir: Path, data: Path, kb: Path, seq_len: int,
+                   max_sequences: int) -> dict:
+    """Fraction of chunks (that read memories) whose retrieved references include an entry for
+    a headword present in the chunk, with the exact retrieval `memory3 eval` does in `memory`
+    mode (and, as an upper bound, with the chunk's own text as the query)."""
+    import torch
+
+    from memory3.eval.perplexity import text_sequences
+    from memory3.memory.bank import MemoryBank
+    from memory3.memory.overlap import EVAL_OVERLAP
+    from memory3.memory.reading import retrieve_for_chunks
+    from memory3.train.checkpoint import load_model, load_tokenizer
+
+    _, recipe, _ = load_model(checkpoint)
+    tok = load_tokenizer(checkpoint)
+    cfg = recipe.model
+    seqs = text_sequences([data], tok, seq_len, max_sequences=max_sequences)
+    docs = [json.loads(line) for line in data.read_text().splitlines()]
+    # The same stream text_sequences builds ([BOS] doc [EOS] ...), with the entry of each token.
+    owner: list[int] = []
+    for i, d in enumerate(docs):
+        owner += [i] * (len(tok.encode(d["text"])) + 2)
+        if len(owner) >= seqs.numel():
+            break
+    owner_rows = torch.tensor(owner[:seqs.numel()]).view(seqs.shape)[:, :-1]
+    kb_heads = [json.loads(line)["head"] for line in kb.read_text().splitlines()]
+    bank = MemoryBank.open(bank_dir, verify="size")
+    x = seqs[:, :-1]
+    L = cfg.chunk_len
+    out = {}
+    for name, own in (("causal", False), ("own_chunk", True)):
+        rows = retrieve_for_chunks(bank, tok, x, chunk_len=L, k=cfg.memories_per_chunk,
+                                   overlap_threshold=EVAL_OVERLAP, own_chunk=own)
+        flat = np.unique(rows[rows >= 0])
+        head_of = {int(r): kb_heads[int(rec.doc_id.rsplit("#", 1)[1])]
+                   for r, rec in zip(flat, bank.references(flat))}
+        hits = chunks = refs = same = 0
+        for b in range(rows.shape[0]):
+            for c in range(rows.shape[1]):
+                got = [int(r) for r in rows[b, c] if r >= 0]
+                if not got:
+                    continue
+                heads = {docs[i]["head"] for i in owner_rows[b, c * L:(c + 1) * L].tolist()}
+                found = [head_of[r] in heads for r in got]
+                chunks += 1
+                hits += any(found)
+                refs += len(got)
+                same += sum(found)
+        out[name] = {"chunks_reading_memories": chunks, "hit_rate": hits / max(chunks, 1),
+                     "references_per_chunk": refs / max(chunks, 1),
+                     "same_headword_reference_fraction": same / max(refs, 1)}
+    bank.close()
+    return out
+
+
+# -- main ----------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    stage_seconds: dict[str, float] = {}
+
+    def stage(name: str, done: bool, fn):
+        if done:
+            print(f"[{name}] done before, skipped", flush=True)
+            return None
+        start = time.perf_counter()
+        value = fn()
+        stage_seconds[name] = round(time.perf_counter() - start, 1)
+        print(f"[{name}] {stage_seconds[name]:.0f} s", flush=True)
+        return value
+
+    files = {n: out / f"{n}.jsonl" for n in ("train", "tune", "heldout")}
+    stage("corpus", all(f.exists() for f in files.values()), lambda: build_corpus(out, args))
+    print(json.loads((out / "corpus.json").read_text()), flush=True)
+
+    tok_dir, shards = out / "tokenizer", out / "shards"
+
+    def tokenize():
+        from memory3.data import prepare_data, train_tokenizer
+        if not (tok_dir / "tokenizer.model").exists():
+            train_tokenizer([files["train"]], tok_dir, 8192, progress=False)
+        prepare_data([files["train"]], tok_dir, shards, valid_fraction=0.01, progress=False)
+    stage("tokenizer+shards", (shards / "manifest.json").exists(), tokenize)
+
+    common = [f"data.path={shards}", f"data.seq_len={args.seq_len}",
+              f"model.memory_layers={args.memory_layers}",
+              f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1"]
+    warmup = out / "warmup"
+    stage("warmup", last_step(warmup) >= args.warmup_steps, lambda: memory3(
+        ["train", "--recipe", "small-warmup", "--out", str(warmup), "--no-progress", *common,
+         f"train.max_steps={args.warmup_steps}", f"optim.lr={args.warmup_lr}",
+         f"optim.min_lr={args.warmup_lr / 10}", "schedule.warmup_steps=50",
+         f"train.eval_every={max(args.warmup_steps // 4, 1)}", "train.eval_batches=8",
+         f"train.save_every={max(args.warmup_steps // 4, 1)}"], logs / "warmup.log",
+        args.threads))
+
+    bank = out / "bank-warmup"
+    bank_args = ["--knowledge", str(files["train"]), "--embedder", args.embedder, "--no-progress"]
+    stage("bank (warmup weights)", bank_complete(bank), lambda: memory3(
+        ["build-bank", "--checkpoint", str(warmup), "--out", str(bank), *bank_args],
+        logs / "bank-warmup.log", args.threads))
+
+    continual = out / f"continual{args.tag}"
+    stage("continual", last_step(continual) >= args.continual_steps, lambda: memory3(
+        ["train", "--recipe", "small-continual", "--out", str(continual), "--no-progress",
+         *common, f"continual.bank={bank}", f"train.init_from={warmup}",
+         f"train.max_steps={args.continual_steps}", f"optim.lr={args.continual_lr}",
+         f"optim.min_lr={args.continual_lr / 10}",
+         f"train.eval_every={max(args.continual_steps // 3, 1)}", "train.eval_batches=8",
+         f"train.save_every={max(args.continual_steps // 3, 1)}"],
+        logs / f"continual{args.tag}.log", args.threads))
+
+    eval_bank = out / f"bank-continual{args.tag}" if args.eval_bank == "continual" else bank
+    stage("bank (continual weights)", bank_complete(eval_bank), lambda: memory3(
+        ["build-bank", "--checkpoint", str(continual), "--out", str(eval_bank), *bank_args],
+        logs / f"bank-continual{args.tag}.log", args.threads))
+
+    data = files[args.slice]
+    evals = {}
+    for name, ckpt, b, modes in (("continual", continual, eval_bank, "none,memory,rag"),
+                                 ("warmup", warmup, bank, args.warmup_modes)):
+        path = out / f"eval-{args.slice}-{name}{args.tag if name == 'continual' else ''}.json"
+        stage(f"eval {name}", path.exists(), lambda ckpt=ckpt, b=b, path=path, modes=modes: memory3(
+            ["eval", "--checkpoint", str(ckpt), "--bank", str(b), "--data", str(data),
+             "--modes", modes, "--max-sequences", str(args.eval_sequences),
+             "--seq-len", str(args.seq_len), "--json", str(path)],
+            logs / f"eval-{args.slice}-{name}{args.tag}.log", args.threads))
+        evals[name] = json.loads(path.read_text())
+
+    import torch
+    torch.set_num_threads(args.threads)
+    retrieval = stage("retrieval", False, lambda: retrieval_hits(
+        continual, eval_bank, data, files["train"], args.seq_len, args.eval_sequences))
+
+    corpus = json.loads((out / "corpus.json").read_text())
+    c = evals["continual"]
+    ratios = {"memory_vs_none_ppl": c["memory"]["perplexity"] / c["none"]["perplexity"],
+              "memory_vs_rag_ppl": c["memory"]["perplexity"] / c["rag"]["perplexity"],
+              "memory_vs_rag_tokens_per_s": (c["memory"]["tokens_per_s"]
+                                              / c["rag"]["tokens_per_s"])}
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads,
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average "
+                         f"{os.getloadavg()[0]:.1f} at the end",
+              "args": vars(args), "corpus": corpus,
+              "training": {"warmup": metrics_summary(warmup),
+                           "continual": metrics_summary(continual)},
+              "eval": evals, "ratios": ratios, "retrieval": retrieval,
+              "stage_seconds": stage_seconds}
+    path = out / f"results-{args.slice}{args.tag}.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    if args.slice == "heldout" and not args.tag:
+        (out / "results.json").write_text(path.read_text())
+
+    tr = report["training"]
+    for name in ("warmup", "continual"):
+        t = tr[name]
+        val = ", ".join(f"{v['step']}: {v['val_loss']:.3f}" for v in t["val"])
+        print(f"{name}: {t['steps']} steps, train loss {t['loss_first10']:.3f} -> "
+              f"{t['loss_last10']:.3f}, val loss [{val}], {t['tokens_per_s_median']:.0f} tok/s")
+    print(f"\n{args.slice} WordNet: {c['none']['tokens']} tokens "
+          f"({args.eval_sequences} sequences of {args.seq_len})")
+    print(f"{'checkpoint':<10} {'mode':<7} {'perplexity':>10} {'tokens/s':>9}")
+    for name, res in evals.items():
+        for mode in (m for m in ("none", "memory", "rag") if m in res):
+            print(f"{name:<10} {mode:<7} {res[mode]['perplexity']:>10.3f} "
+                  f"{res[mode]['tokens_per_s']:>9.0f}")
+    print(f"\nmemory/none perplexity {ratios['memory_vs_none_ppl']:.3f} (goal <= 0.90); "
+          f"memory/rag perplexity {ratios['memory_vs_rag_ppl']:.3f} (goal <= 1.05); "
+          f"memory/rag tokens/s {ratios['memory_vs_rag_tokens_per_s']:.2f} (goal > 1)")
+    for name, r in retrieval.items():
+        print(f"retrieval ({name} query): {r['hit_rate']:.3f} of {r['chunks_reading_memories']} "
+              f"chunks read an entry for one of their headwords; "
+              f"{r['same_headword_reference_fraction']:.3f} of their "
+              f"{r['references_per_chunk']:.2f} references per chunk are such entries")
+
+
+if __name__ == "__main__":
+    main()
