@@ -191,10 +191,16 @@ def retrieval_hits(checkpoint: Path, bank_dir: Path, data: Path, kb: Path, seq_l
     docs = [json.loads(line) for line in data.read_text().splitlines()]
     # The same stream text_sequences builds ([BOS] doc [EOS] ...), with the entry of each token.
     owner: list[int] = []
+    stream: list[int] = []
     for i, d in enumerate(docs):
-        owner += [i] * (len(tok.encode(d["text"])) + 2)
+        ids = [tok.bos_id, *tok.encode(d["text"]), tok.eos_id]
+        owner += [i] * len(ids)
+        stream += ids
         if len(owner) >= seqs.numel():
             break
+    if stream[:seqs.numel()] != seqs.flatten().tolist():
+        raise RuntimeError("held-out token stream differs from memory3's text_sequences: the "
+                           "headword of each position would be wrong")
     owner_rows = torch.tensor(owner[:seqs.numel()]).view(seqs.shape)[:, :-1]
     kb_heads = [json.loads(line)["head"] for line in kb.read_text().splitlines()]
     bank = MemoryBank.open(bank_dir, verify="size")
