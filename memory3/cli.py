@@ -84,12 +84,14 @@ def _add_quickstart(sub):
     p = sub.add_parser("quickstart", help="the whole pipeline on a built-in corpus, on CPU")
     p.add_argument("--out", default="quickstart", help="everything is written under this folder")
     p.add_argument("--steps", type=int, default=None, help="warmup steps (default: the recipe's)")
+    p.add_argument("--continual-steps", type=int, default=None,
+                   help="continual training steps (default: the recipe's)")
     p.set_defaults(func=cmd_quickstart)
 
 
 def cmd_quickstart(args):
     from memory3.quickstart import quickstart
-    quickstart(args.out, steps=args.steps)
+    quickstart(args.out, steps=args.steps, continual_steps=args.continual_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
