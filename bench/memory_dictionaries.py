@@ -34,8 +34,10 @@ training and bank stages also resume mid-way through the library's own resume):
  8. retrieval  for the same held-out sequences and the same retrieval call as `memory` mode: the
                fraction of chunks whose retrieved references include an entry for a headword
                of that chunk (so a miss can be told apart: retrieval or reading).
-Writes OUT/results.json and prints a table. --slice tune evaluates the tune slice instead (for
-choosing settings without looking at held-out numbers).
+Writes OUT/results-<slice><tag>.json (OUT/results.json for the default run) and prints a table.
+--slice tune evaluates the tune slice instead (for choosing settings without looking at held-out
+numbers); --tag=-NAME runs another continual setting next to the first, e.g.
+    python bench/memory_dictionaries.py --out bench_runs/memory-dict --tag=-c400 --continual-steps 400
 """
 from __future__ import annotations
 
@@ -62,7 +64,10 @@ SPLIT_SEED = "memory-dict"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_runs/memory-dict")
-    p.add_argument("--threads", type=int, default=2)
+    # One thread: on this shared 2-core machine a 2-thread step waits at every OpenMP barrier for
+    # a descheduled partner; a small-preset forward+backward measured 3 s with 1 thread vs
+    # 13-23 s with 2 under a load average of ~7.
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--universe", type=float, default=0.012,
                    help="fraction of headwords (both dictionaries) the run uses")
     p.add_argument("--heldout-fraction", type=float, default=0.4,
@@ -340,7 +345,7 @@ def main(argv=None):
         print(f"{name}: {t['steps']} steps, train loss {t['loss_first10']:.3f} -> "
               f"{t['loss_last10']:.3f}, val loss [{val}], {t['tokens_per_s_median']:.0f} tok/s")
     print(f"\n{args.slice} WordNet: {c['none']['tokens']} tokens "
-          f"({args.eval_sequences} sequences of {args.seq_len})")
+          f"({c['none']['tokens'] // args.seq_len} sequences of {args.seq_len})")
     print(f"{'checkpoint':<10} {'mode':<7} {'perplexity':>10} {'tokens/s':>9}")
     for name, res in evals.items():
         for mode in (m for m in ("none", "memory", "rag") if m in res):
