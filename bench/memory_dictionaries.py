@@ -37,7 +37,8 @@ training and bank stages also resume mid-way through the library's own resume):
 Writes OUT/results-<slice><tag>.json (OUT/results.json for the default run) and prints a table.
 --slice tune evaluates the tune slice instead (for choosing settings without looking at held-out
 numbers); --tag=-NAME runs another continual setting next to the first, e.g.
-    python bench/memory_dictionaries.py --out bench_runs/memory-dict --tag=-c400 --continual-steps 400
+    python bench/memory_dictionaries.py --out bench_runs/memory-dict --tag=-c400 \
+        --continual-steps 400
 """
 from __future__ import annotations
 
