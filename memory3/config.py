@@ -161,6 +161,10 @@ class ContinualConfig:
     overlap_threshold: float = 0.9   # skip references copying the training sequence (LCS ratio)
     extra_candidates: int = 4   # retrieved beyond need, to replace filtered references
     write_back: bool = True     # store memories of references the bank has none for (cold)
+    # What the real-time encodings pass gradient to: "none", "kv" (the memory layers' key/value
+    # projections: nearly free, and memory reading is learnt in hundreds of steps rather than
+    # thousands; bench/RESULTS.md knowledge_reading) or "full" (the whole reference forward).
+    encode_grad: str = "kv"
 
 
 @dataclass
@@ -219,6 +223,9 @@ class Recipe:
                     f"({self.model.memories_per_chunk})")
             if not self.model.memory_layer_ids:
                 raise ConfigError("phase 'continual' needs memory layers (model.memory_layers)")
+            if c.encode_grad not in ("none", "kv", "full"):
+                raise ConfigError(f"continual.encode_grad must be none, kv or full, got "
+                                  f"{c.encode_grad!r}")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
                               f"({self.model.max_seq_len})")

@@ -249,7 +249,7 @@ def test_gradients_flow_only_when_asked():
     encoder = MemoryEncoder(model)
     frozen = encoder.encode(tokens, lengths)
     assert not frozen.kv.requires_grad and frozen.kv.grad_fn is None
-    live = encoder.encode(tokens, lengths, grad=True)
+    live = encoder.encode(tokens, lengths, grad="full")
     assert live.kv.requires_grad
     live.kv.square().sum().backward()
     for name in ("embed.weight", "blocks.0.attn.wqkv.weight", "blocks.0.mlp.w_down.weight",
@@ -257,6 +257,45 @@ def test_gradients_flow_only_when_asked():
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
     torch.testing.assert_close(live.kv.detach(), frozen.kv, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="grad must be one of"):
+        encoder.encode(tokens, lengths, grad=True)
+
+
+def test_kv_gradient_reaches_only_the_memory_layers_projections():
+    """grad="kv": same memories bit for bit; the gradient of the kept keys/values (through
+    their projections only) equals the full gradient's part that flows through those
+    projections, i.e. the full gradient with the block inputs held fixed."""
+    model = build()
+    tokens, lengths = pack(random_refs([20, 9, 14], model.cfg.vocab_size))
+    encoder = MemoryEncoder(model)
+    kv = encoder.encode(tokens, lengths, grad="kv")
+    torch.testing.assert_close(kv.kv.detach(), encoder.encode(tokens, lengths).kv, atol=0, rtol=0)
+    weights = torch.randn_like(kv.kv)
+    (kv.kv * weights).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    wanted = {f"blocks.{i}.{n}" for i in model.cfg.memory_layer_ids
+              for n in ("attn.wqkv.weight", "attn_norm.weight")}
+    assert set(got) == wanted and all(g.abs().sum() > 0 for g in got.values())
+
+    # Reference: the plain projections of each memory layer's (detached) block input, gathered.
+    model.zero_grad()
+    cos, sin = model.rotary(0, tokens.shape[1], tokens.device, torch.float32)
+    with torch.no_grad():
+        inputs = {i: x for i, x, *_ in encoder._attention_inputs(tokens, encoder.layer_ids, cos, sin)}
+    total = 0
+    for j, i in enumerate(encoder.layer_ids):
+        block = model.blocks[i]
+        _, k, v = block.attn.wqkv(block.attn_norm(inputs[i])).split(block.attn.split_sizes, -1)
+        G, D = block.attn.n_kv_heads, block.attn.head_dim
+        k = apply_rotary(k.view(*k.shape[:2], G, D).transpose(1, 2), cos, sin)
+        v = v.view(*v.shape[:2], G, D).transpose(1, 2)
+        pos = kv.positions[:, j]
+        for t, w in ((k, weights[:, j, 0]), (v, weights[:, j, 1])):
+            kept = t.gather(2, pos[..., None].expand(-1, -1, -1, D))
+            total = total + (kept * w * (pos > 0)[..., None]).sum()
+    total.backward()
+    for name in wanted:
+        torch.testing.assert_close(got[name], model.get_parameter(name).grad)
 
 
 def test_sink_kv_is_the_reference_bos_alone_at_every_layer():

@@ -14,8 +14,14 @@ so a memory reads like the text it came from, at positions 1..L-1.
 Decisions (SPEC 1b): the query heads of a KV group are summed. Ties go to the lower position. Slots
 are sorted by position; a reference with fewer than K tokens besides the reference-BOS fills the
 remaining (last) slots with position 0 and zero key/value, which `EncodedMemories.mask` marks empty.
-Selection is a discrete choice, so it never carries gradient; with `grad=True` gradient flows to
-the weights through the kept keys and values.
+Selection is a discrete choice, so it never carries gradient. `grad` picks what the kept keys and
+values carry back to the weights (continual training, `continual.encode_grad`):
+  "none"  nothing (building banks, evaluation).
+  "kv"    only the memory layers' key/value projections (and their input norms): the forward runs
+          without autograd and the kept tokens' inputs are projected again with it. Costs a few
+          small matmuls, yet lets keys and values become readable as memories, which they never
+          are trained to be otherwise (see bench/RESULTS.md, knowledge_reading).
+  "full"  everything, through the reference's whole forward: about a training forward+backward.
 
 Shapes: N references, L padded length (<= reference_len), H query heads, G KV heads, R = H / G,
 D head dim, K = memory_top_k, L_mem = number of memory layers.
@@ -31,6 +37,9 @@ import torch.nn.functional as F
 from memory3.data.tokenizer import REF_BOS_ID
 from memory3.model import Transformer
 from memory3.model.layers import apply_rotary
+
+
+GRAD_MODES = ("none", "kv", "full")
 
 
 @dataclass
@@ -119,26 +128,42 @@ class MemoryEncoder:
         self.ref_bos_id = ref_bos_id
 
     def encode(self, tokens: torch.Tensor, lengths: torch.Tensor, *,
-               grad: bool = False) -> EncodedMemories:
+               grad: str = "none") -> EncodedMemories:
         """tokens (N, L) long, reference-BOS first and right-padded; lengths (N,) include the BOS.
-
-        grad=False (the default) encodes under no_grad: SPEC 1b's cheaper choice for continual
-        training, and what building a bank needs.
-        """
+        grad: "none", "kv" or "full" (module docstring)."""
+        if grad not in GRAD_MODES:
+            raise ValueError(f"encode: grad must be one of {GRAD_MODES}, got {grad!r}")
         self._check(tokens, lengths)
         lengths = lengths.to(tokens.device)
         cos, sin = self._rotary(tokens.shape[1])
         kv, positions = [], []
-        with torch.set_grad_enabled(grad):
-            for _, q, k, v in self._attention_inputs(tokens, self.layer_ids, cos, sin):
+        with torch.set_grad_enabled(grad == "full"):  # the trunk: "kv" re-projects below
+            for i, x, q, k, v in self._attention_inputs(tokens, self.layer_ids, cos, sin):
                 pos = select_positions(q, k, lengths, self.top_k)          # (N, G, K)
-                # Rotary is per position, so rotating the kept keys alone equals rotating all of
-                # them and then selecting, bit for bit.
-                k_kept = apply_rotary(_gather_positions(k, pos), cos[pos], sin[pos])
-                layer_kv = torch.stack([k_kept, _gather_positions(v, pos)], dim=1)
-                kv.append(layer_kv.masked_fill((pos == 0)[:, None, :, :, None], 0))
+                with torch.set_grad_enabled(grad != "none"):
+                    if grad == "kv":
+                        k_kept, v_kept = self._project_kept(i, x, pos)
+                    else:
+                        k_kept, v_kept = _gather_positions(k, pos), _gather_positions(v, pos)
+                    # Rotary is per position, so rotating the kept keys alone equals rotating all
+                    # of them and then selecting, bit for bit.
+                    k_kept = apply_rotary(k_kept, cos[pos], sin[pos])
+                    layer_kv = torch.stack([k_kept, v_kept], dim=1)
+                    kv.append(layer_kv.masked_fill((pos == 0)[:, None, :, :, None], 0))
                 positions.append(pos)
         return EncodedMemories(torch.stack(kv, dim=1), torch.stack(positions, dim=1))
+
+    def _project_kept(self, layer: int, x: torch.Tensor, pos: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unrotated k, v (N, G, K, D) of the kept positions pos (N, G, K), projected from the
+        layer's block input x (N, L, d_model, no autograd history) with autograd on."""
+        block = self.model.blocks[layer]
+        attn = block.attn
+        G, D = attn.n_kv_heads, attn.head_dim
+        h = block.attn_norm(_gather_positions(x[:, None].expand(-1, G, -1, -1), pos))
+        _, wk, wv = attn.wqkv.weight.split(attn.split_sizes, dim=0)
+        return (torch.einsum("ngkc,gdc->ngkd", h, wk.view(G, D, -1)),
+                torch.einsum("ngkc,gdc->ngkd", h, wv.view(G, D, -1)))
 
     def sink_kv(self, *, grad: bool = False) -> torch.Tensor:
         """(n_layers, 2, G, D): key and value of the reference-BOS alone at position 0, at every
@@ -150,7 +175,7 @@ class MemoryEncoder:
         with torch.set_grad_enabled(grad):
             # Rotary at position 0 is the identity, so the unrotated key is the stored one.
             layers = self._attention_inputs(tokens, range(self.model.cfg.n_layers), cos, sin)
-            return torch.stack([torch.stack([k[0, :, 0], v[0, :, 0]]) for _, _, k, v in layers])
+            return torch.stack([torch.stack([k[0, :, 0], v[0, :, 0]]) for *_, k, v in layers])
 
     def _rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.model.embed.weight
@@ -169,10 +194,11 @@ class MemoryEncoder:
 
     def _attention_inputs(self, tokens: torch.Tensor, layer_ids: Iterable[int], cos: torch.Tensor,
                           sin: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor,
-                                                               torch.Tensor]]:
+                                                               torch.Tensor, torch.Tensor]]:
         """Run tokens (N, L) through the blocks as an ordinary causal forward, only as deep as the
-        last of layer_ids (ascending), yielding (layer, q (N, H, L, D), k (N, G, L, D), v) of each
-        of them: projections of the layer's attention input (after attn_norm), q and k unrotated.
+        last of layer_ids (ascending), yielding (layer, x, q (N, H, L, D), k (N, G, L, D), v) of
+        each of them: x (N, L, d_model) is the block's input, q, k, v the projections of its
+        attention input (after attn_norm), q and k unrotated.
 
         Those layers mirror Block.forward and Attention.forward step by step, because the
         projections must be seen before rotary; computing them once serves both the selection and
@@ -192,7 +218,7 @@ class MemoryEncoder:
             q = q.view(N, L, attn.n_heads, attn.head_dim).transpose(1, 2)
             k = k.view(N, L, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
             v = v.view(N, L, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-            yield i, q, k, v
+            yield i, x, q, k, v
             if i == last:
                 return  # nothing reads this layer's output: skip its attention and MLP
             out = attn.attend(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)

@@ -68,7 +68,7 @@ def retrieve_for_chunks(bank, tokenizer, sequences: torch.Tensor, *, chunk_len: 
     return rows
 
 
-def encode_distinct(encoder, bank, rows: np.ndarray, *, grad: bool = False,
+def encode_distinct(encoder, bank, rows: np.ndarray, *, grad: str = "none",
                     batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, EncodedMemories]:
     """Each distinct row of rows (any shape, -1 = none) encoded once, now, by `encoder` from the
     references' tokens, ignoring what the bank stores: real-time encoding with the current weights.
@@ -106,7 +106,7 @@ def _with_empty(x: torch.Tensor, index: np.ndarray) -> torch.Tensor:
     return padded[where]
 
 
-def encode_rows(encoder, bank, rows: np.ndarray, *, grad: bool = False,
+def encode_rows(encoder, bank, rows: np.ndarray, *, grad: str = "none",
                 batch_size: int = 64) -> EncodedMemories:
     """`encode_distinct`'s memories laid out as rows: kv rows.shape + (L_mem, 2, G, K, D),
     positions rows.shape + (L_mem, G, K); -1 gives an all-empty memory."""

@@ -4,8 +4,12 @@ Per batch, every chunk of every sequence retrieves `new_per_chunk` references wi
 (skipping references that overlap the sequence by more than `overlap_threshold`, and ones the
 previous chunks already picked); chunk c reads the references picked by chunks c-1 .. c-N
 (causal: the text it predicts never chose its memories, as at evaluation and generation).
-All distinct references of the batch are encoded together, in real time, by the current weights
-without gradient (SPEC 1b: the cheaper choice), then the ordinary LM loss is computed with them.
+All distinct references of the batch are encoded together, in real time, by the current weights,
+then the ordinary LM loss is computed with them. SPEC 1b weighs gradient through that encoding
+(~2x a warmup step) against none (~1.3x); we default to a third choice, `continual.encode_grad =
+"kv"`: no gradient through the reference's forward, but the memory layers' key/value projections of
+the kept tokens are recomputed with it. Without it keys and values are only ever trained to serve
+the context, and memory reading was learnt far more slowly (bench/RESULTS.md, knowledge_reading).
 References the bank holds no memory for yet get the fresh encodings written back (rank 0), so the
 bank grows as training reads it.
 """
@@ -78,7 +82,9 @@ class ContinualPhase(WarmupPhase):
     def forward(self, engine, batch: Batch) -> ModelOutput:
         model = engine.module
         encoder = MemoryEncoder(model)
-        distinct, index, encoded = encode_distinct(encoder, self.bank, batch["rows"].numpy())
+        grad = self.recipe.continual.encode_grad if model.training else "none"
+        distinct, index, encoded = encode_distinct(encoder, self.bank, batch["rows"].numpy(),
+                                                   grad=grad)
         memory = read_distinct(encoded, index, encoder.sink_kv())
         if self.recipe.continual.write_back and self.rank == 0 and model.training:
             self._write_back(distinct, encoded)
@@ -99,7 +105,8 @@ class ContinualPhase(WarmupPhase):
             return
         cold = self.bank.missing(distinct) & ~np.isin(distinct, list(self.pending))
         for i in np.flatnonzero(cold).tolist():
-            self.pending[int(distinct[i])] = encoded[i].to("cpu")
+            self.pending[int(distinct[i])] = EncodedMemories(encoded.kv[i:i + 1].detach().cpu(),
+                                                             encoded.positions[i:i + 1].cpu())
 
     def flush(self, step: int, run_dir):
         """Write the pending memories to the bank, recorded as made by this run at this step."""
