@@ -335,6 +335,9 @@ def main(argv=None):
               "eval": evals, "ratios": ratios, "retrieval": retrieval,
               "stage_seconds": stage_seconds}
     path = out / f"results-{args.slice}{args.tag}.json"
+    if path.exists():  # a re-run skips finished stages: keep the times they took then
+        report["stage_seconds"] = {**json.loads(path.read_text())["stage_seconds"],
+                                   **stage_seconds}
     path.write_text(json.dumps(report, indent=1) + "\n")
     if args.slice == "heldout" and not args.tag:
         (out / "results.json").write_text(path.read_text())
