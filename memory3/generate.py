@@ -43,6 +43,12 @@ class Generation:
     retrievals: list[Retrieval] = field(default_factory=list)
 
 
+def rag_references(records, bos_id: int, eos_id: int) -> list[int]:
+    """Retrieved references as text, the way the model saw documents in training: each one
+    [BOS] tokens [EOS], in retrieval order."""
+    return [t for r in records for t in (bos_id, *r.tokens, eos_id)]
+
+
 def rag_inputs(reference_tokens: list[int], context: list[int], chunk_start: int, chunk_end: int,
                max_len: int) -> list[int]:
     """[references; context] for the chunk [chunk_start, chunk_end) whose tokens so far end
@@ -94,7 +100,8 @@ def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, mode: str
         def read(chunk: int) -> torch.Tensor:
             """Rebuild the cache as [chunk's references; context] and return the last logits."""
             rows = retrieve(chunk)
-            refs = [t for r in bank.references(rows[rows >= 0]) for t in r.tokens]
+            refs = rag_references(bank.references(rows[rows >= 0]), tokenizer.bos_id,
+                                  tokenizer.eos_id)
             inputs = rag_inputs(refs, tokens, chunk * L, min((chunk + 1) * L, total),
                                 cfg.max_seq_len)
             cache.reset()

@@ -9,7 +9,7 @@ import torch
 
 from memory3.config import Recipe
 from memory3.data.synthetic import make_world, write_world
-from memory3.generate import generate, rag_inputs
+from memory3.generate import generate, rag_inputs, rag_references
 from memory3.memory.bank import MemoryBank
 from memory3.memory.build import build_bank
 from memory3.train.checkpoint import load_model, load_tokenizer
@@ -69,7 +69,7 @@ def test_rag_decoding_equals_full_forward_over_the_same_prefix(parts):
     model, tok, bank = parts
     out = generate(model, tok, PROMPT, bank=bank, mode="rag", max_new_tokens=40,
                    stop_at_eos=False)
-    refs = {r.chunk: [t for row in rows_of(r) for t in bank.references([row])[0].tokens]
+    refs = {r.chunk: rag_references(bank.references(rows_of(r)), tok.bos_id, tok.eos_id)
             for r in out.retrievals}
     n_prompt = len(tok.encode(PROMPT)) + 1
     for p in range(n_prompt, len(out.tokens)):  # token p was sampled after feeding token p-1

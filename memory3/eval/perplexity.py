@@ -25,6 +25,7 @@ from memory3.data import Tokenizer, iter_documents, require_documents
 from memory3.data.text import ReadStats
 from memory3.memory.encoder import MemoryEncoder
 from memory3.memory.overlap import EVAL_OVERLAP
+from memory3.generate import rag_inputs, rag_references
 from memory3.memory.reading import chunk_memories, retrieve_for_chunks
 from memory3.model import Transformer
 
@@ -114,7 +115,8 @@ def _memory_nll(model, bank, tokenizer, x, y, own_chunk: bool, encode_now: bool)
 
 
 def _rag_nll(model, bank, tokenizer, x, y) -> float:
-    """Each chunk is scored after [its references' text; as much preceding context as fits]."""
+    """Each chunk is scored after [its references as documents; as much preceding context as
+    fits] (generate.rag_inputs: the same rule as rag generation)."""
     cfg = model.cfg
     L = cfg.chunk_len
     rows = _rows(model, bank, tokenizer, x, own_chunk=False)
@@ -122,14 +124,9 @@ def _rag_nll(model, bank, tokenizer, x, y) -> float:
     for b in range(x.shape[0]):
         for c in range(rows.shape[1]):
             start, end = c * L, min((c + 1) * L, x.shape[1])
-            refs = [t for r in bank.references([r for r in rows[b, c] if r >= 0])
-                    for t in r.tokens]
-            # A model with a short context cannot take every reference: keep the chunk whole,
-            # then the references, then earlier context.
-            refs = refs[:max(0, cfg.max_seq_len - (end - start))]
-            context_start = max(0, end - (cfg.max_seq_len - len(refs)))
-            inputs = torch.tensor([refs], dtype=x.dtype, device=x.device)
-            inputs = torch.cat([inputs, x[b:b + 1, context_start:end]], dim=1)
-            logits = model(inputs).logits[:, -(end - start):]
+            refs = rag_references(bank.references([r for r in rows[b, c] if r >= 0]),
+                                  tokenizer.bos_id, tokenizer.eos_id)
+            inputs = rag_inputs(refs, x[b, :end].tolist(), start, end, cfg.max_seq_len)
+            logits = model(torch.tensor([inputs], device=x.device)).logits[:, -(end - start):]
             total += _nll(logits, y[b:b + 1, start:end])
     return total
