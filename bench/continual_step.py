@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import os
 import platform
 import pstats
@@ -36,10 +35,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from memory3.config import Recipe  # noqa: E402
-from memory3.data import prepare_data, train_tokenizer  # noqa: E402
-from memory3.data.synthetic import make_world, write_world  # noqa: E402
+from worlds import world_inputs  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -82,15 +81,7 @@ def setup(args) -> tuple[Path, Path, Path]:
     shards, run, bank = root / "shards", root / "warm", root / "bank"
     if (bank / "manifest.json").exists():
         return shards, run, bank
-    root.mkdir(parents=True, exist_ok=True)
-    files = write_world(make_world(seed=0, n_entities=args.entities), root / "world")
-    records = [json.loads(line) for line in files["knowledge"].read_text().splitlines()]
-    groups = [records[i:i + args.facts_per_doc] for i in range(0, len(records), args.facts_per_doc)]
-    knowledge = root / "knowledge.jsonl"
-    knowledge.write_text("".join(json.dumps({"text": " ".join(r["text"] for r in g)}) + "\n"
-                                 for g in groups))
-    tok = train_tokenizer([files["corpus"]], root / "tokenizer", 4096, progress=False)
-    prepare_data([files["corpus"]], tok.path, shards, valid_fraction=0.01, progress=False)
+    _, knowledge, shards = world_inputs(root, args.entities, args.facts_per_doc, 4096)
     train(base_recipe(args, shards).override(["train.max_steps=3"]), run, progress=False)
     build_bank(run, [knowledge], bank, embedder=args.embedder, progress=False)
     return shards, run, bank

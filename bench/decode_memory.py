@@ -33,7 +33,6 @@ import argparse
 import cProfile
 import functools
 import io
-import json
 import os
 import platform
 import pstats
@@ -46,12 +45,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from memory3.config import Recipe  # noqa: E402
-from memory3.data import prepare_data, train_tokenizer  # noqa: E402
-from memory3.data.synthetic import make_world, write_world  # noqa: E402
 from memory3.generate import generate  # noqa: E402
 from memory3.model import Transformer  # noqa: E402
+from worlds import world_inputs  # noqa: E402
 
 SIDES = ("none", "memory", "rag", "memory_concat")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -85,15 +84,7 @@ def setup(args) -> tuple[Path, Path, Path]:
     run, bank, heldout = root / "warm", root / "bank", root / "world" / "heldout.txt"
     if (bank / "manifest.json").exists():
         return run, bank, heldout
-    root.mkdir(parents=True, exist_ok=True)
-    files = write_world(make_world(seed=0, n_entities=args.entities), root / "world")
-    records = [json.loads(line) for line in files["knowledge"].read_text().splitlines()]
-    groups = [records[i:i + args.facts_per_doc] for i in range(0, len(records), args.facts_per_doc)]
-    knowledge = root / "knowledge.jsonl"
-    knowledge.write_text("".join(json.dumps({"text": " ".join(r["text"] for r in g)}) + "\n"
-                                 for g in groups))
-    tok = train_tokenizer([files["corpus"]], root / "tokenizer", 8192, progress=False)
-    prepare_data([files["corpus"]], tok.path, root / "shards", valid_fraction=0.01, progress=False)
+    _, knowledge, _ = world_inputs(root, args.entities, args.facts_per_doc, 8192)
     recipe = Recipe.from_name(f"{args.preset}-warmup").override([
         f"data.path={root / 'shards'}", "model.max_seq_len=1024", "train.max_steps=2",
         "train.micro_batch_size=2", "train.grad_accum=1", "train.precision=fp32",
