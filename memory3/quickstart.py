@@ -31,9 +31,10 @@ def _stage(n: int, title: str):
 
 
 def _prompt(heldout: Path) -> str:
-    """The first sentence of the first held-out document: about an entity only the bank knows."""
+    """The first two sentences of the first held-out document: about an entity only the bank
+    knows, and long enough for the prompt's chunk to retrieve its fact sheet."""
     first = heldout.read_text().split("\n\n")[0].strip()
-    return first.split(". ")[0] + "."
+    return ". ".join(first.split(". ")[:2]) + "."
 
 
 def quickstart(out: str | Path = "quickstart", steps: int | None = None,
@@ -67,7 +68,8 @@ def quickstart(out: str | Path = "quickstart", steps: int | None = None,
     warmup = train(recipe, out / "warmup")
 
     _stage(5, "memory bank: the knowledge base encoded by the warmup model")
-    build_bank(out / "warmup", [files["knowledge"]], out / "bank")
+    # Lexical hashing with room for few collisions: a short prompt must still find its sheet.
+    build_bank(out / "warmup", [files["knowledge"]], out / "bank", embedder="hashing:4096")
 
     _stage(6, f"continual training reading the bank (recipe {CONTINUAL})")
     recipe = Recipe.from_name(CONTINUAL).override(
