@@ -159,11 +159,14 @@ class MemoryEncoder:
         layer's block input x (N, L, d_model, no autograd history) with autograd on."""
         block = self.model.blocks[layer]
         attn = block.attn
-        G, D = attn.n_kv_heads, attn.head_dim
+        N, G, K = pos.shape
         h = block.attn_norm(_gather_positions(x[:, None].expand(-1, G, -1, -1), pos))
-        _, wk, wv = attn.wqkv.weight.split(attn.split_sizes, dim=0)
-        return (torch.einsum("ngkc,gdc->ngkd", h, wk.view(G, D, -1)),
-                torch.einsum("ngkc,gdc->ngkd", h, wv.view(G, D, -1)))
+        # Through the module rather than its weight (which ZeRO-3 partitions outside forward):
+        # every head's projection of the kept inputs, then each KV head's own.
+        _, k, v = attn.wqkv(h).split(attn.split_sizes, dim=-1)    # (N, G, K, G * D)
+        own = torch.arange(G, device=pos.device)
+        return tuple(t.view(N, G, K, G, attn.head_dim)[:, own, :, own].transpose(0, 1)
+                     for t in (k, v))
 
     def sink_kv(self, *, grad: bool = False) -> torch.Tensor:
         """(n_layers, 2, G, D): key and value of the reference-BOS alone at position 0, at every
