@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,16 @@ class ModelConfig:
     reference_len: int = 128
     chunk_len: int = 64
     memories_per_chunk: int = 5
+
+    # Fields that shape no weight: how memories are cut and read, the longest sequence (rotary
+    # tables are computed), the init scale. A run may continue another's weights with new ones.
+    NOT_IN_WEIGHTS = ("name", "init_std", "max_seq_len", "memory_layers", "memory_top_k",
+                      "reference_len", "chunk_len", "memories_per_chunk")
+
+    def weight_differences(self, other: "ModelConfig") -> list[str]:
+        """Fields that differ between self and other and change what the weights mean."""
+        return [f.name for f in fields(self) if f.name not in self.NOT_IN_WEIGHTS
+                and getattr(self, f.name) != getattr(other, f.name)]
 
     def validate(self) -> "ModelConfig":
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim",

@@ -79,9 +79,11 @@ class Trainer:
         init_from = self.recipe.train.init_from
         if init_from and not (resume and checkpoint.latest_tag(self.ckpt_dir)):
             state, source, _ = checkpoint.load_state_dict(init_from)
-            if source.model != self.recipe.model:
+            differ = source.model.weight_differences(self.recipe.model)
+            if differ:
                 raise ConfigError(f"train.init_from={init_from} holds a {source.model.name!r} model "
-                                  f"whose config differs from this recipe's model section")
+                                  f"whose config differs from this recipe's model section in "
+                                  f"{', '.join(differ)}")
             model = Transformer(self.recipe.model)
             model.load_state_dict(state)
             if self.is_main:
