@@ -26,6 +26,17 @@ def available() -> bool:
 
 if triton is not None:
     @triton.jit
+    def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc):
+        """Fold one tile of keys/values into the running (max, sum, output) of each query row; a
+        row with nothing allowed yet keeps max -inf and contributes nothing."""
+        s = tl.where(allowed, tl.dot(q, tl.trans(k)), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p, v)
+
+    @triton.jit
     def _memory_attention_fwd(
         Q, K, V, MK, MV, MVALID, OUT,
         sq_b, sq_h, sq_t, sk_b, sk_g, sk_s, smk_b, smk_g, smk_c, smk_s, smv_b, smv_c,
@@ -67,15 +78,7 @@ if triton is not None:
                          mask=slot_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
             valid = tl.load(MVALID + b * smv_b + c * smv_c + slots, mask=slot_ok, other=0)
             allowed = (row_chunk[:, None] == c) & (valid[None, :] != 0) & slot_ok[None, :]
-            s = tl.dot(q, tl.trans(mk))
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p, mv)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(q, mk, mv, allowed, m_i, l_i, acc)
 
         # 2. the causal context: keys 0 .. last query position of the tile
         cols = tl.arange(0, BLOCK_N)
@@ -87,15 +90,8 @@ if triton is not None:
                         mask=k_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
             v = tl.load(V + b * sk_b + g * sk_g + kpos[:, None] * sk_s + dims[None, :],
                         mask=k_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k))
-            s = tl.where((kpos[None, :] <= pos[:, None]) & k_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p, v)
-            m_i = m_new
+            allowed = (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
+            m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc)
 
         out = acc / l_i[:, None]
         tl.store(OUT + b * so_b + h * so_h + rows[:, None] * so_t + dims[None, :],
