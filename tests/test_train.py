@@ -138,6 +138,23 @@ def test_dry_run_2p4b_reports_reference_size():
     assert config["train_batch_size"] == 4 * 8 * 64
 
 
+def test_dry_run_2p4b_continual_counts_memory_reading():
+    from memory3.config import Recipe
+    from memory3.train.dry_run import dry_run, format_report
+    warmup = dry_run(Recipe.from_name("2.4b-warmup"), world_size=64)
+    continual = Recipe.from_name("2.4b-continual")
+    report = dry_run(continual, world_size=64)
+    assert "memory_reading" not in warmup["memory_per_rank_gib"]
+    reading = report["memory_per_rank_gib"]["memory_reading"]
+    # Blocks, masks, encodings and kv-grad inputs of 2 x 2048 tokens at the 2.4b shape: GiBs,
+    # small next to the step's activations.
+    assert 1 < reading < report["memory_per_rank_gib"]["activations"]
+    assert "memory_reading" in format_report(report)
+    continual.train.micro_batch_size *= 2   # everything it counts is per sequence
+    doubled = dry_run(continual, world_size=64)["memory_per_rank_gib"]["memory_reading"]
+    assert doubled == pytest.approx(2 * reading)
+
+
 def test_train_without_data_path_is_a_clear_error(tmp_path):
     proc = run_memory3("train", "--recipe", "tiny-warmup", "--out", str(tmp_path), check=False)
     assert proc.returncode == 2

@@ -34,8 +34,41 @@ def memory_estimate(recipe: Recipe, n_params: int, world_size: int) -> dict[str,
     per_layer = (6 * m.d_model + (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim + 4 * m.d_mlp)
     activations = tokens * m.n_layers * per_layer * width
     logits = tokens * m.vocab_size * (width + 8)  # logits, their fp32 copy and its gradient
-    return {"weights": weights, "gradients": grads, "optimizer": optimizer,
-            "activations": activations + logits}
+    estimate = {"weights": weights, "gradients": grads, "optimizer": optimizer,
+                "activations": activations + logits}
+    if recipe.phase == "continual":
+        estimate["memory_reading"] = memory_reading_estimate(recipe)
+    return estimate
+
+
+def memory_reading_estimate(recipe: Recipe) -> float:
+    """Bytes per rank that continual training adds to a warmup step of the same shape.
+
+    Per micro-batch, at most one encoding per new reference (B * C * new_per_chunk): the encoder's
+    forward over them holds one layer's activations and its fp32 token-selection scores at a time
+    (no gradient), the encoded memories are kept, and encode_grad "kv" keeps the kept tokens'
+    normalised inputs for the projection's backward. Every layer's attention keeps its
+    [blocks; context] keys/values (concatenated copies) and its block mask for backward: the M*K
+    kept tokens plus the sink per chunk in memory layers, the sink alone in the others.
+    """
+    m, t, c = recipe.model, recipe.train, recipe.continual
+    width = 2 if t.precision == "bf16" else 4
+    B, T = t.micro_batch_size, recipe.data.seq_len
+    chunks = -(-T // m.chunk_len)
+    n_refs = B * chunks * c.new_per_chunk
+    n_mem, G, K, D = len(m.memory_layer_ids), m.n_kv_heads, m.memory_top_k, m.head_dim
+    per_layer = (6 * m.d_model + (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim + 4 * m.d_mlp)
+    encoding = n_refs * m.reference_len * (per_layer * width + m.n_heads * m.reference_len * 4)
+    memories = n_refs * n_mem * 2 * G * K * D * width
+    kv_grad = n_refs * n_mem * G * K * m.d_model * width if c.encode_grad == "kv" else 0
+    if c.encode_grad == "full":  # the references' whole forward is kept for backward
+        kv_grad = n_refs * m.reference_len * m.n_layers * per_layer * width
+    slots = 1 + m.memories_per_chunk * K
+    reading = 0
+    for layer_slots in [slots] * n_mem + [1] * (m.n_layers - n_mem):
+        keys = chunks * layer_slots + T
+        reading += 2 * B * G * keys * D * width + B * T * keys  # k and v copies; bool mask
+    return encoding + memories + kv_grad + reading
 
 
 def dry_run(recipe: Recipe, world_size: int = 1) -> dict[str, Any]:
@@ -65,8 +98,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"tokens per optimizer step: {r['tokens_per_step']:,} (grad accumulation "
         f"{r['grad_accum']})",
         "estimated memory per rank (GiB):",
-        *(f"  {k:<12} {v:10.2f}" for k, v in r["memory_per_rank_gib"].items()),
-        f"  {'total':<12} {r['total_memory_per_rank_gib']:10.2f}",
+        *(f"  {k:<14} {v:10.2f}" for k, v in r["memory_per_rank_gib"].items()),
+        f"  {'total':<14} {r['total_memory_per_rank_gib']:10.2f}",
         "deepspeed config:",
         json.dumps(r["deepspeed_config"], indent=2),
     ]
