@@ -1,25 +1,32 @@
-"""Does explicit memory pay on real text? WordNet held out, GCIDE in the memory bank (SPEC 1c).
+"""Does explicit memory pay on real text? A `small` model, warmup then continual, with a real
+knowledge base, evaluated on held-out text in modes none, memory and rag (issue 4, SPEC 1c).
 
-A `small`-preset model is pretrained (phase warmup) on two dictionaries, WordNet 3.0 (dict-wn) and
-GCIDE (dict-gcide), then continually trained (phase continual) reading a memory bank of the same
-dictionaries, and evaluated on WordNet entries that are nowhere in its data or its bank. Each
-held-out word has a GCIDE entry in the bank, written in other words: the memories can carry
-knowledge the text being predicted does not repeat.
+Two corpora (--corpus), each text nobody here wrote, each with held-out text that is nowhere in
+training while a knowledge base holds the same facts in other words:
+  dictionaries  WordNet 3.0 (dict-wn) held out, GCIDE (dict-gcide) defining the same words in the
+                bank (SPEC 1c).     apt-get install -y dict-gcide dict-wn
+  pydocs        Python's library reference (python3-doc) held out page by page, the standard
+                library's docstrings in the bank (bench/pydocs.py).   apt-get install -y python3-doc
 
-    apt-get install -y dict-gcide dict-wn
-    python bench/memory_dictionaries.py --out bench_runs/memory-dict
+    python bench/memory_real_text.py --corpus dictionaries --out bench_runs/memory-dict
+    python bench/memory_real_text.py --corpus pydocs --out bench_runs/memory-pydocs
 
 Stages (each skipped when its output exists, so a re-run continues where it stopped; the
 training and bank stages also resume mid-way through the library's own resume):
- 1. corpus     Headwords are sampled (--universe of them, by a hash of the lower-cased word) so
-               that both dictionaries' entries for a word come together and the run fits a
-               CPU. GCIDE entries quoting WordNet 1.5 are dropped (they repeat WordNet glosses).
-               WordNet entries whose headword has a GCIDE entry are split by a hash of the word
-               into held-out, tune and the rest; entries sharing a gloss with a held-out or tune
-               entry are dropped (WordNet repeats a synset's gloss under each of its words). The
-               rest of both dictionaries, shuffled together, is both the training text and the
-               knowledge base (one entry = one document; entries over 127 tokens make several
-               references).
+ 1. corpus     dictionaries: headwords are sampled (--universe of them, by a hash of the
+               lower-cased word) so that both dictionaries' entries for a word come together and
+               the run fits a CPU. GCIDE entries quoting WordNet 1.5 are dropped (they repeat
+               WordNet glosses). WordNet entries whose headword has a GCIDE entry are split by a
+               hash of the word into held-out, tune and the rest; entries sharing a gloss with a
+               held-out or tune entry are dropped (WordNet repeats a synset's gloss under each of
+               its words). The rest of both dictionaries, shuffled together, is both the training
+               text and the knowledge base (one entry = one document; entries over 127 tokens
+               make several references).
+               pydocs: reference pages of modules written in Python are split by a hash of the
+               page into held-out, tune and the rest; pages are cut into sections (documents,
+               each led by its page's title). The knowledge base is the docstrings of every
+               documented module (held-out ones included); the training text is the rest of the
+               pages plus those docstrings.
  2. tokenizer  sentencepiece (vocab 8192, the `small` preset's) on the training text; its shards.
  3. warmup     `memory3 train` phase warmup, from scratch.
  4. bank       `memory3 build-bank` with the warmup checkpoint over the knowledge base.
@@ -28,16 +35,18 @@ training and bank stages also resume mid-way through the library's own resume):
                chunks before it, encoded in real time; training overlap filter 0.9).
  6. eval bank  `memory3 build-bank` with the continual checkpoint (same knowledge base, same
                embedder), so `memory` mode reads memories stored in advance, as it would serve.
- 7. eval       `memory3 eval` on held-out WordNet, modes none, memory, rag (causal retrieval,
+ 7. eval       `memory3 eval` on the held-out text, modes none, memory, rag (causal retrieval,
                overlap filter 2/3), for the continual checkpoint (the headline) and the warmup
                one (what continual training changed).
  8. retrieval  for the same held-out sequences and the same retrieval call as `memory` mode: the
-               fraction of chunks whose retrieved references include an entry for a headword
-               of that chunk (so a miss can be told apart: retrieval or reading).
+               fraction of chunks whose retrieved references are about a subject of that chunk
+               (a headword; a module), so a miss can be told apart: retrieval or reading.
+ 9. oracle     the ceiling of knowledge read as text: held-out documents alone, after the
+               knowledge on their subject (chosen by hand, not retrieved), after random knowledge.
 Writes OUT/results-<slice><tag>.json (OUT/results.json for the default run) and prints a table.
 --slice tune evaluates the tune slice instead (for choosing settings without looking at held-out
 numbers); --tag=-NAME runs another continual setting next to the first, e.g.
-    python bench/memory_dictionaries.py --out bench_runs/memory-dict --tag=-c400 \
+    python bench/memory_real_text.py --out bench_runs/memory-dict --tag=-c400 \
         --continual-steps 400
 """
 from __future__ import annotations
@@ -57,6 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import pydocs  # noqa: E402
 from dictionaries import bucket, glosses, headword, quotes_wordnet, read_dictd  # noqa: E402
 
 SPLIT_SEED = "memory-dict"
@@ -64,16 +74,20 @@ SPLIT_SEED = "memory-dict"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--corpus", choices=("dictionaries", "pydocs"), default="dictionaries")
     p.add_argument("--out", default="bench_runs/memory-dict")
     # One thread: on this shared 2-core machine a 2-thread step waits at every OpenMP barrier for
     # a descheduled partner; a small-preset forward+backward measured 3 s with 1 thread vs
     # 13-23 s with 2 under a load average of ~7.
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--universe", type=float, default=0.012,
-                   help="fraction of headwords (both dictionaries) the run uses")
-    p.add_argument("--heldout-fraction", type=float, default=0.4,
-                   help="of the WordNet entries whose headword GCIDE defines too")
-    p.add_argument("--tune-fraction", type=float, default=0.1)
+                   help="dictionaries: fraction of headwords (both dictionaries) the run uses")
+    p.add_argument("--heldout-fraction", type=float,
+                   help="dictionaries: of the WordNet entries whose headword GCIDE defines too "
+                        "(default 0.4); pydocs: of the pages of modules written in Python "
+                        "(default 0.1)")
+    p.add_argument("--tune-fraction", type=float,
+                   help="as --heldout-fraction (default 0.1 and 0.05)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--warmup-steps", type=int, default=250)
@@ -93,7 +107,7 @@ def parse_args(argv=None):
                    help="modes evaluated for the warmup checkpoint (rag is slow: one forward "
                         "per chunk)")
     p.add_argument("--slice", choices=("heldout", "tune"), default="heldout",
-                   help="which WordNet slice stage 7-8 evaluate")
+                   help="which held-out slice stage 7-8 evaluate")
     p.add_argument("--tag", default="",
                    help="suffix of the continual run, its bank and its results (for trying "
                         "another continual setting next to the first)")
@@ -101,10 +115,30 @@ def parse_args(argv=None):
 
 
 # -- 1. corpus -----------------------------------------------------------------------------------
+FILES = ("train", "kb", "tune", "heldout")
+
+
 def build_corpus(out: Path, args) -> dict[str, Path]:
-    files = {n: out / f"{n}.jsonl" for n in ("train", "tune", "heldout")}
+    """Writes OUT/{train,kb,tune,heldout}.jsonl (documents {"text", "head": their subject}) and
+    OUT/corpus.json (counts)."""
+    files = {n: out / f"{n}.jsonl" for n in FILES}
     if all(f.exists() for f in files.values()):
         return files
+    rows, stats = (dictionary_rows if args.corpus == "dictionaries" else pydocs_rows)(args)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, docs in rows.items():
+        tmp = files[name].with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        tmp.replace(files[name])
+    stats |= {f"{name}_documents": len(docs) for name, docs in rows.items()}
+    stats |= {f"{name}_chars": sum(len(d["text"]) for d in docs) for name, docs in rows.items()}
+    (out / "corpus.json").write_text(json.dumps(stats, indent=1) + "\n")
+    return files
+
+
+def dictionary_rows(args) -> tuple[dict[str, list[dict]], dict]:
+    heldout_fraction = 0.4 if args.heldout_fraction is None else args.heldout_fraction
+    tune_fraction = 0.1 if args.tune_fraction is None else args.tune_fraction
     in_universe = lambda head: bucket(headword(head), f"{SPLIT_SEED}-universe") < args.universe
     wordnet = [(h, t) for h, t in read_dictd("wn") if in_universe(h)]
     gcide = [(h, t) for h, t in read_dictd("gcide") if in_universe(h) and not quotes_wordnet(t)]
@@ -112,9 +146,9 @@ def build_corpus(out: Path, args) -> dict[str, Path]:
     heldout, tune, rest = [], [], []
     for h, t in wordnet:
         u = bucket(headword(h), f"{SPLIT_SEED}-split")
-        if headword(h) in defined_by_gcide and u < args.heldout_fraction:
+        if headword(h) in defined_by_gcide and u < heldout_fraction:
             heldout.append((h, t))
-        elif headword(h) in defined_by_gcide and u < args.heldout_fraction + args.tune_fraction:
+        elif headword(h) in defined_by_gcide and u < heldout_fraction + tune_fraction:
             tune.append((h, t))
         else:
             rest.append(("wn", h, t))
@@ -123,20 +157,36 @@ def build_corpus(out: Path, args) -> dict[str, Path]:
     dropped = len(rest) - len(kept)
     kept += [("gcide", h, t) for h, t in gcide]
     kept.sort(key=lambda e: bucket(e[2], f"{SPLIT_SEED}-order"))
-    out.mkdir(parents=True, exist_ok=True)
-    rows = {"train": [{"text": t, "head": headword(h), "dict": d} for d, h, t in kept],
+    train = [{"text": t, "head": headword(h), "dict": d} for d, h, t in kept]
+    rows = {"train": train, "kb": train,
             "tune": [{"text": t, "head": headword(h), "dict": "wn"} for h, t in tune],
             "heldout": [{"text": t, "head": headword(h), "dict": "wn"} for h, t in heldout]}
-    for name, docs in rows.items():
-        tmp = files[name].with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(d) + "\n" for d in docs))
-        tmp.replace(files[name])
-    stats = {"wordnet_entries": len(wordnet), "gcide_entries": len(gcide),
-             "heldout_entries": len(heldout), "tune_entries": len(tune),
-             "dropped_sharing_a_gloss": dropped, "train_entries": len(kept),
-             "train_chars": sum(len(e[2]) for e in kept)}
-    (out / "corpus.json").write_text(json.dumps(stats, indent=1) + "\n")
-    return files
+    return rows, {"wordnet_entries": len(wordnet), "gcide_entries": len(gcide),
+                  "dropped_sharing_a_gloss": dropped}
+
+
+def pydocs_rows(args) -> tuple[dict[str, list[dict]], dict]:
+    heldout_fraction = 0.1 if args.heldout_fraction is None else args.heldout_fraction
+    tune_fraction = 0.05 if args.tune_fraction is None else args.tune_fraction
+    seed = "memory-pydocs"
+    pages = pydocs.read_pages()
+    rows: dict[str, list[dict]] = {n: [] for n in FILES}
+    for name, modules, text in pages:
+        head = modules[0] if modules else name
+        u = bucket(name, f"{seed}-split")
+        in_python = any(pydocs.module_source(m) for m in modules)
+        slice_ = ("heldout" if in_python and u < heldout_fraction else
+                  "tune" if in_python and u < heldout_fraction + tune_fraction else "train")
+        rows[slice_] += [{"text": t, "head": head, "page": name} for t in pydocs.sections(text)]
+    documented = sorted({m for _, modules, _ in pages for m in modules})
+    rows["kb"] = [{"text": t, "head": m, "page": "docstring"}
+                  for m in documented for t in pydocs.docstrings(m)]
+    rows["train"] += rows["kb"]
+    for name in FILES:  # documents of one page or module would otherwise come together
+        rows[name].sort(key=lambda d: bucket(d["text"], f"{seed}-order"))
+    return rows, {"pages": len(pages), "documented_modules": len(documented),
+                  "heldout_pages": len({d["page"] for d in rows["heldout"]}),
+                  "tune_pages": len({d["page"] for d in rows["tune"]})}
 
 
 # -- helpers: the CLI is the pipeline under test -----------------------------------------------
@@ -179,9 +229,10 @@ def bank_complete(bank: Path) -> bool:
 # -- 8. retrieval ------------------------------------------------------------------------------
 def retrieval_hits(checkpoint: Path, bank_dir: Path, data: Path, kb: Path, seq_len: int,
                    max_sequences: int) -> dict:
-    """Fraction of chunks (that read memories) whose retrieved references include an entry for
-    a headword present in the chunk, with the exact retrieval `memory3 eval` does in `memory`
-    mode (and, as an upper bound, with the chunk's own text as the query)."""
+    """Fraction of chunks (that read memories) whose retrieved references are about the subject
+    (a headword, a module: field "head") of a document in the chunk, with the exact retrieval
+    `memory3 eval` does in `memory` mode (and, as an upper bound, with the chunk's own text as the
+    query)."""
     import torch
 
     from memory3.eval.perplexity import text_sequences
@@ -233,9 +284,54 @@ def retrieval_hits(checkpoint: Path, bank_dir: Path, data: Path, kb: Path, seq_l
                 same += sum(found)
         out[name] = {"chunks_reading_memories": chunks, "hit_rate": hits / max(chunks, 1),
                      "references_per_chunk": refs / max(chunks, 1),
-                     "same_headword_reference_fraction": same / max(refs, 1)}
+                     "same_subject_reference_fraction": same / max(refs, 1)}
     bank.close()
     return out
+
+
+# -- 9. text oracle ----------------------------------------------------------------------------
+def text_oracle(checkpoint: Path, data: Path, kb: Path, seq_len: int, n_docs: int = 150) -> dict:
+    """What the best-chosen knowledge could give, read as text: perplexity of held-out documents
+    alone, after the first knowledge-base document on their subject (the other dictionary's entry
+    for the word; the module's docstring) as a preceding [BOS] ref [EOS] document, and after a
+    random knowledge-base document (the control: any preceding text helps a little)."""
+    import math
+    import random
+
+    import torch
+    import torch.nn.functional as F
+
+    from memory3.train.checkpoint import load_model, load_tokenizer
+    model, recipe, _ = load_model(checkpoint)
+    model.eval()
+    tok = load_tokenizer(checkpoint)
+    ref_len = recipe.model.reference_len
+    knowledge = [json.loads(line) for line in kb.read_text().splitlines()]
+    first_on: dict[str, str] = {}
+    for d in knowledge:
+        first_on.setdefault(d["head"], d["text"])
+    rng = random.Random(0)
+    nll = {"alone": 0.0, "subject": 0.0, "random": 0.0}
+    tokens = docs = 0
+    for d in map(json.loads, data.read_text().splitlines()):
+        if d["head"] not in first_on:
+            continue
+        doc = [tok.bos_id, *tok.encode(d["text"]), tok.eos_id][:seq_len - ref_len - 1]
+        for name, ref in (("alone", None), ("subject", first_on[d["head"]]),
+                          ("random", rng.choice(knowledge)["text"])):
+            before = [] if ref is None else [tok.bos_id, *tok.encode(ref)[:ref_len - 1],
+                                             tok.eos_id]
+            x = torch.tensor([before + doc])
+            with torch.no_grad():
+                logits = model(x[:, :-1]).logits[0, len(before):]
+            nll[name] += F.cross_entropy(logits.float(), x[0, len(before) + 1:],
+                                         reduction="sum").item()
+        tokens += len(doc) - 1
+        docs += 1
+        if docs == n_docs:
+            break
+    return {"documents": docs, "tokens": tokens,
+            **{f"perplexity_{k}": math.exp(v / tokens) for k, v in nll.items()}}
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -257,7 +353,7 @@ def main(argv=None):
         print(f"[{name}] {stage_seconds[name]:.0f} s", flush=True)
         return value
 
-    files = {n: out / f"{n}.jsonl" for n in ("train", "tune", "heldout")}
+    files = {n: out / f"{n}.jsonl" for n in FILES}
     stage("corpus", all(f.exists() for f in files.values()), lambda: build_corpus(out, args))
     print(json.loads((out / "corpus.json").read_text()), flush=True)
 
@@ -283,7 +379,7 @@ def main(argv=None):
         args.threads))
 
     bank = out / "bank-warmup"
-    bank_args = ["--knowledge", str(files["train"]), "--embedder", args.embedder, "--no-progress"]
+    bank_args = ["--knowledge", str(files["kb"]), "--embedder", args.embedder, "--no-progress"]
     stage("bank (warmup weights)", bank_complete(bank), lambda: memory3(
         ["build-bank", "--checkpoint", str(warmup), "--out", str(bank), *bank_args],
         logs / "bank-warmup.log", args.threads))
@@ -318,7 +414,11 @@ def main(argv=None):
     import torch
     torch.set_num_threads(args.threads)
     retrieval = stage("retrieval", False, lambda: retrieval_hits(
-        continual, eval_bank, data, files["train"], args.seq_len, args.eval_sequences))
+        continual, eval_bank, data, files["kb"], args.seq_len, args.eval_sequences))
+
+    oracle = {name: stage(f"text oracle {name}", False, lambda ckpt=ckpt: text_oracle(
+        ckpt, data, files["kb"], args.seq_len)) for name, ckpt in (("continual", continual),
+                                                                   ("warmup", warmup))}
 
     corpus = json.loads((out / "corpus.json").read_text())
     c = evals["continual"]
@@ -332,7 +432,7 @@ def main(argv=None):
               "args": vars(args), "corpus": corpus,
               "training": {"warmup": metrics_summary(warmup),
                            "continual": metrics_summary(continual)},
-              "eval": evals, "ratios": ratios, "retrieval": retrieval,
+              "eval": evals, "ratios": ratios, "retrieval": retrieval, "text_oracle": oracle,
               "stage_seconds": stage_seconds}
     path = out / f"results-{args.slice}{args.tag}.json"
     if path.exists():  # a re-run skips finished stages: keep the times they took then
@@ -348,7 +448,7 @@ def main(argv=None):
         val = ", ".join(f"{v['step']}: {v['val_loss']:.3f}" for v in t["val"])
         print(f"{name}: {t['steps']} steps, train loss {t['loss_first10']:.3f} -> "
               f"{t['loss_last10']:.3f}, val loss [{val}], {t['tokens_per_s_median']:.0f} tok/s")
-    print(f"\n{args.slice} WordNet: {c['none']['tokens']} tokens "
+    print(f"\n{args.slice} {args.corpus}: {c['none']['tokens']} tokens "
           f"({c['none']['tokens'] // args.seq_len} sequences of {args.seq_len})")
     print(f"{'checkpoint':<10} {'mode':<7} {'perplexity':>10} {'tokens/s':>9}")
     for name, res in evals.items():
@@ -358,10 +458,14 @@ def main(argv=None):
     print(f"\nmemory/none perplexity {ratios['memory_vs_none_ppl']:.3f} (goal <= 0.90); "
           f"memory/rag perplexity {ratios['memory_vs_rag_ppl']:.3f} (goal <= 1.05); "
           f"memory/rag tokens/s {ratios['memory_vs_rag_tokens_per_s']:.2f} (goal > 1)")
+    for name, o in oracle.items():
+        print(f"text oracle ({name}, {o['documents']} documents): perplexity alone "
+              f"{o['perplexity_alone']:.2f}, after the knowledge on their subject "
+              f"{o['perplexity_subject']:.2f}, after random knowledge {o['perplexity_random']:.2f}")
     for name, r in retrieval.items():
         print(f"retrieval ({name} query): {r['hit_rate']:.3f} of {r['chunks_reading_memories']} "
-              f"chunks read an entry for one of their headwords; "
-              f"{r['same_headword_reference_fraction']:.3f} of their "
+              f"chunks read a reference on one of their subjects; "
+              f"{r['same_subject_reference_fraction']:.3f} of their "
               f"{r['references_per_chunk']:.2f} references per chunk are such entries")
 
 
