@@ -8,9 +8,10 @@ Setup (cached in --cache, built once): a generated world (memory3.data.synthetic
 token shards -> a `small` warmup checkpoint (a couple of steps: this is about speed, not text)
 -> a memory bank of the world's knowledge built by that checkpoint (`build_bank`, hashing
 embedder, FAISS index). Knowledge records are joined --facts-per-doc at a time so references run
-to ~128 tokens, as the reference model's did. The checkpoint's max_seq_len is raised to 1024 so
-that rag gets all 5 references *and* the whole context (5 x ~128 + 320 tokens): with 512 its
-prefix would be cut and rag would look cheaper than it is.
+to ~100 tokens (--facts-per-doc 12: the full 128, as the reference model's did). The checkpoint's
+max_seq_len is raised to 1024 (--max-seq-len) so that rag gets all 5 references *and* the whole
+context (5 x ~100 + 320 tokens): with 512 its prefix would be cut and rag would look cheaper than
+it is.
 
 Contenders, each a call of `memory3.generate.generate` on the same prompt (64 tokens of held-out
 text), greedy, exactly --new-tokens new tokens (no stop at EOS), timed as a whole (prefill,
@@ -68,7 +69,11 @@ def parse_args(argv=None):
     # descheduled partner and a decoding step takes ~15x longer (74 vs 4.9 ms, measured).
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--entities", type=int, default=2000, help="size of the generated world")
-    p.add_argument("--facts-per-doc", type=int, default=8)
+    p.add_argument("--facts-per-doc", type=int, default=8,
+                   help="knowledge records per reference document (12: every reference runs to "
+                        "the full 128 tokens, as the reference model's did)")
+    p.add_argument("--max-seq-len", type=int, default=1024,
+                   help="the model's window (2048: the reference model's)")
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "memory3_bench_decode"))
     p.add_argument("--profile", action="store_true",
                    help="after timing, cProfile one generation of each and print the top functions")
@@ -80,13 +85,15 @@ def setup(args) -> tuple[Path, Path, Path]:
     from memory3.memory.build import build_bank
     from memory3.train.trainer import train
 
-    root = Path(args.cache) / f"{args.preset}-{args.entities}-{args.facts_per_doc}"
+    root = Path(args.cache) / f"{args.preset}-{args.entities}-{args.facts_per_doc}" \
+        f"{'' if args.max_seq_len == 1024 else f'-{args.max_seq_len}'}"
     run, bank, heldout = root / "warm", root / "bank", root / "world" / "heldout.txt"
     if (bank / "manifest.json").exists():
         return run, bank, heldout
     _, knowledge, _ = world_inputs(root, args.entities, args.facts_per_doc, 8192)
     recipe = Recipe.from_name(f"{args.preset}-warmup").override([
-        f"data.path={root / 'shards'}", "model.max_seq_len=1024", "train.max_steps=2",
+        f"data.path={root / 'shards'}", f"model.max_seq_len={args.max_seq_len}",
+        "train.max_steps=2",
         "train.micro_batch_size=2", "train.grad_accum=1", "train.precision=fp32",
         "train.eval_every=1000000", "train.save_every=1000000", "train.log_every=1000000"])
     train(recipe, run, progress=False)

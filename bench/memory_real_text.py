@@ -7,6 +7,8 @@ training while a knowledge base holds the same facts in other words:
                 bank (SPEC 1c).     apt-get install -y dict-gcide dict-wn
   pydocs        Python's library reference (python3-doc) held out page by page, the standard
                 library's docstrings in the bank (bench/pydocs.py).   apt-get install -y python3-doc
+  pycode        the standard library's test files held out module by module, the modules'
+                source in the bank (bench/pycode.py).
 
     python bench/memory_real_text.py --corpus dictionaries --out bench_runs/memory-dict
     python bench/memory_real_text.py --corpus pydocs --out bench_runs/memory-pydocs
@@ -22,6 +24,11 @@ training and bank stages also resume mid-way through the library's own resume):
                its words). The rest of both dictionaries, shuffled together, is both the training
                text and the knowledge base (one entry = one document; entries over 127 tokens
                make several references).
+               pycode: a --universe of the stdlib modules with a test file; their test files
+               (cut into documents of whole classes/functions) are split by a hash of the
+               module into held-out, tune and the rest. The knowledge base is every module's
+               source cut into functions and methods; the training text is the rest of the test
+               files plus every module's source.
                pydocs: reference pages of modules written in Python are split by a hash of the
                page into held-out, tune and the rest; pages are cut into sections (documents,
                each led by its page's title). The knowledge base is the docstrings of every
@@ -66,6 +73,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import pycode  # noqa: E402
 import pydocs  # noqa: E402
 from dictionaries import bucket, glosses, headword, quotes_wordnet, read_dictd  # noqa: E402
 
@@ -74,18 +82,20 @@ SPLIT_SEED = "memory-dict"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpus", choices=("dictionaries", "pydocs"), default="dictionaries")
+    p.add_argument("--corpus", choices=("dictionaries", "pydocs", "pycode"),
+                   default="dictionaries")
     p.add_argument("--out", default="bench_runs/memory-dict")
     # One thread: on this shared 2-core machine a 2-thread step waits at every OpenMP barrier for
     # a descheduled partner; a small-preset forward+backward measured 3 s with 1 thread vs
     # 13-23 s with 2 under a load average of ~7.
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--universe", type=float, default=0.012,
-                   help="dictionaries: fraction of headwords (both dictionaries) the run uses")
+    p.add_argument("--universe", type=float,
+                   help="dictionaries: fraction of headwords (both dictionaries) the run uses "
+                        "(default 0.012); pycode: fraction of tested modules (default 0.4)")
     p.add_argument("--heldout-fraction", type=float,
                    help="dictionaries: of the WordNet entries whose headword GCIDE defines too "
                         "(default 0.4); pydocs: of the pages of modules written in Python "
-                        "(default 0.1)")
+                        "(default 0.1); pycode: of the modules (default 0.15)")
     p.add_argument("--tune-fraction", type=float,
                    help="as --heldout-fraction (default 0.1 and 0.05)")
     p.add_argument("--seq-len", type=int, default=256)
@@ -124,7 +134,8 @@ def build_corpus(out: Path, args) -> dict[str, Path]:
     files = {n: out / f"{n}.jsonl" for n in FILES}
     if all(f.exists() for f in files.values()):
         return files
-    rows, stats = (dictionary_rows if args.corpus == "dictionaries" else pydocs_rows)(args)
+    rows, stats = {"dictionaries": dictionary_rows, "pydocs": pydocs_rows,
+                   "pycode": pycode_rows}[args.corpus](args)
     out.mkdir(parents=True, exist_ok=True)
     for name, docs in rows.items():
         tmp = files[name].with_suffix(".tmp")
@@ -139,7 +150,8 @@ def build_corpus(out: Path, args) -> dict[str, Path]:
 def dictionary_rows(args) -> tuple[dict[str, list[dict]], dict]:
     heldout_fraction = 0.4 if args.heldout_fraction is None else args.heldout_fraction
     tune_fraction = 0.1 if args.tune_fraction is None else args.tune_fraction
-    in_universe = lambda head: bucket(headword(head), f"{SPLIT_SEED}-universe") < args.universe
+    universe = 0.012 if args.universe is None else args.universe
+    in_universe = lambda head: bucket(headword(head), f"{SPLIT_SEED}-universe") < universe
     wordnet = [(h, t) for h, t in read_dictd("wn") if in_universe(h)]
     gcide = [(h, t) for h, t in read_dictd("gcide") if in_universe(h) and not quotes_wordnet(t)]
     defined_by_gcide = {headword(h) for h, _ in gcide}
@@ -187,6 +199,31 @@ def pydocs_rows(args) -> tuple[dict[str, list[dict]], dict]:
     return rows, {"pages": len(pages), "documented_modules": len(documented),
                   "heldout_pages": len({d["page"] for d in rows["heldout"]}),
                   "tune_pages": len({d["page"] for d in rows["tune"]})}
+
+
+def pycode_rows(args) -> tuple[dict[str, list[dict]], dict]:
+    universe = 0.4 if args.universe is None else args.universe
+    heldout_fraction = 0.15 if args.heldout_fraction is None else args.heldout_fraction
+    tune_fraction = 0.05 if args.tune_fraction is None else args.tune_fraction
+    seed = "memory-pycode"
+    modules = [m for m in pycode.tested_modules() if bucket(m[0], f"{seed}-universe") < universe]
+    rows: dict[str, list[dict]] = {n: [] for n in FILES}
+    for name, sources, test in modules:
+        u = bucket(name, f"{seed}-split")
+        slice_ = ("heldout" if u < heldout_fraction else
+                  "tune" if u < heldout_fraction + tune_fraction else "train")
+        rows[slice_] += [{"text": t, "head": name, "file": test.name}
+                         for t in pycode.file_documents(test)]
+        for path in sources:
+            rows["kb"] += [{"text": t, "head": name, "file": path.name}
+                           for t in pycode.definitions(path)]
+            rows["train"] += [{"text": t, "head": name, "file": path.name}
+                              for t in pycode.file_documents(path)]
+    for name in FILES:
+        rows[name].sort(key=lambda d: bucket(d["text"], f"{seed}-order"))
+    return rows, {"modules": len(modules),
+                  "heldout_modules": len({d["head"] for d in rows["heldout"]}),
+                  "tune_modules": len({d["head"] for d in rows["tune"]})}
 
 
 # -- helpers: the CLI is the pipeline under test -----------------------------------------------
@@ -291,9 +328,10 @@ def retrieval_hits(checkpoint: Path, bank_dir: Path, data: Path, kb: Path, seq_l
 
 # -- 9. text oracle ----------------------------------------------------------------------------
 def text_oracle(checkpoint: Path, data: Path, kb: Path, seq_len: int, n_docs: int = 150) -> dict:
-    """What the best-chosen knowledge could give, read as text: perplexity of held-out documents
-    alone, after the first knowledge-base document on their subject (the other dictionary's entry
-    for the word; the module's docstring) as a preceding [BOS] ref [EOS] document, and after a
+    """What well-chosen knowledge could give, read as text: perplexity of held-out documents
+    alone, after the knowledge-base document on their subject (the other dictionary's entry for
+    the word; of the module's docstrings, the one sharing most words with the document, unless it
+    overlaps it beyond the evaluation's 2/3) as a preceding [BOS] ref [EOS] document, and after a
     random knowledge-base document (the control: any preceding text helps a little)."""
     import math
     import random
@@ -301,26 +339,29 @@ def text_oracle(checkpoint: Path, data: Path, kb: Path, seq_len: int, n_docs: in
     import torch
     import torch.nn.functional as F
 
+    from memory3.memory.overlap import EVAL_OVERLAP, exceeding
     from memory3.train.checkpoint import load_model, load_tokenizer
     model, recipe, _ = load_model(checkpoint)
     model.eval()
     tok = load_tokenizer(checkpoint)
     ref_len = recipe.model.reference_len
     knowledge = [json.loads(line) for line in kb.read_text().splitlines()]
-    first_on: dict[str, str] = {}
+    on: dict[str, list[list[int]]] = {}
     for d in knowledge:
-        first_on.setdefault(d["head"], d["text"])
+        on.setdefault(d["head"], []).append(tok.encode(d["text"])[:ref_len - 1])
     rng = random.Random(0)
     nll = {"alone": 0.0, "subject": 0.0, "random": 0.0}
     tokens = docs = 0
     for d in map(json.loads, data.read_text().splitlines()):
-        if d["head"] not in first_on:
-            continue
         doc = [tok.bos_id, *tok.encode(d["text"]), tok.eos_id][:seq_len - ref_len - 1]
-        for name, ref in (("alone", None), ("subject", first_on[d["head"]]),
-                          ("random", rng.choice(knowledge)["text"])):
-            before = [] if ref is None else [tok.bos_id, *tok.encode(ref)[:ref_len - 1],
-                                             tok.eos_id]
+        subject = on.get(d["head"], [])
+        fair = [r for r, copy in zip(subject, exceeding(subject, doc, EVAL_OVERLAP)) if not copy]
+        if not fair:
+            continue
+        best = max(fair, key=lambda r: len(set(r) & set(doc)))
+        for name, ref in (("alone", None), ("subject", best),
+                          ("random", tok.encode(rng.choice(knowledge)["text"])[:ref_len - 1])):
+            before = [] if ref is None else [tok.bos_id, *ref, tok.eos_id]
             x = torch.tensor([before + doc])
             with torch.no_grad():
                 logits = model(x[:, :-1]).logits[0, len(before):]
