@@ -31,8 +31,7 @@ def memory_estimate(recipe: Recipe, n_params: int, world_size: int) -> dict[str,
     if t.zero_stage >= 3:
         weights /= world_size
     tokens = t.micro_batch_size * recipe.data.seq_len
-    per_layer = (6 * m.d_model + (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim + 4 * m.d_mlp)
-    activations = tokens * m.n_layers * per_layer * width
+    activations = tokens * m.n_layers * _layer_values_per_token(m) * width
     logits = tokens * m.vocab_size * (width + 8)  # logits, their fp32 copy and its gradient
     estimate = {"weights": weights, "gradients": grads, "optimizer": optimizer,
                 "activations": activations + logits}
@@ -57,18 +56,23 @@ def memory_reading_estimate(recipe: Recipe) -> float:
     chunks = -(-T // m.chunk_len)
     n_refs = B * chunks * c.new_per_chunk
     n_mem, G, K, D = len(m.memory_layer_ids), m.n_kv_heads, m.memory_top_k, m.head_dim
-    per_layer = (6 * m.d_model + (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim + 4 * m.d_mlp)
+    per_layer = _layer_values_per_token(m)
     encoding = n_refs * m.reference_len * (per_layer * width + m.n_heads * m.reference_len * 4)
     memories = n_refs * n_mem * 2 * G * K * D * width
-    kv_grad = n_refs * n_mem * G * K * m.d_model * width if c.encode_grad == "kv" else 0
-    if c.encode_grad == "full":  # the references' whole forward is kept for backward
-        kv_grad = n_refs * m.reference_len * m.n_layers * per_layer * width
+    kept_for_backward = {
+        "none": 0, "kv": n_refs * n_mem * G * K * m.d_model * width,
+        "full": n_refs * m.reference_len * m.n_layers * per_layer * width}[c.encode_grad]
     slots = 1 + m.memories_per_chunk * K
     reading = 0
     for layer_slots in [slots] * n_mem + [1] * (m.n_layers - n_mem):
         keys = chunks * layer_slots + T
         reading += 2 * B * G * keys * D * width + B * T * keys  # k and v copies; bool mask
-    return encoding + memories + kv_grad + reading
+    return encoding + memories + kept_for_backward + reading
+
+
+def _layer_values_per_token(m) -> int:
+    """Activation values one transformer layer keeps per token for backward (no recomputation)."""
+    return 6 * m.d_model + (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim + 4 * m.d_mlp
 
 
 def dry_run(recipe: Recipe, world_size: int = 1) -> dict[str, Any]:
