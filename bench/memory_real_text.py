@@ -28,7 +28,8 @@ training and bank stages also resume mid-way through the library's own resume):
                (cut into documents of whole classes/functions) are split by a hash of the
                module into held-out, tune and the rest. The knowledge base is every module's
                source cut into functions and methods; the training text is the rest of the test
-               files plus every module's source.
+               files plus every module's source (--new-knowledge: plus the source of modules
+               outside the universe instead, so that the bank's code is nowhere in training).
                pydocs: reference pages of modules written in Python are split by a hash of the
                page into held-out, tune and the rest; pages are cut into sections (documents,
                each led by its page's title). The knowledge base is the docstrings of every
@@ -98,6 +99,10 @@ def parse_args(argv=None):
                         "(default 0.1); pycode: of the modules (default 0.15)")
     p.add_argument("--tune-fraction", type=float,
                    help="as --heldout-fraction (default 0.1 and 0.05)")
+    p.add_argument("--new-knowledge", action="store_true",
+                   help="pycode: keep the knowledge base out of the training text (the bank holds "
+                        "source the weights never saw, as a bank grown after training would); "
+                        "the training text gets the source of modules outside --universe instead")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--warmup-steps", type=int, default=250)
@@ -134,6 +139,8 @@ def build_corpus(out: Path, args) -> dict[str, Path]:
     files = {n: out / f"{n}.jsonl" for n in FILES}
     if all(f.exists() for f in files.values()):
         return files
+    if args.new_knowledge and args.corpus != "pycode":
+        sys.exit("--new-knowledge is for --corpus pycode")
     rows, stats = {"dictionaries": dictionary_rows, "pydocs": pydocs_rows,
                    "pycode": pycode_rows}[args.corpus](args)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,8 +213,14 @@ def pycode_rows(args) -> tuple[dict[str, list[dict]], dict]:
     heldout_fraction = 0.15 if args.heldout_fraction is None else args.heldout_fraction
     tune_fraction = 0.05 if args.tune_fraction is None else args.tune_fraction
     seed = "memory-pycode"
-    modules = [m for m in pycode.tested_modules() if bucket(m[0], f"{seed}-universe") < universe]
+    every = pycode.tested_modules()
+    modules = [m for m in every if bucket(m[0], f"{seed}-universe") < universe]
     rows: dict[str, list[dict]] = {n: [] for n in FILES}
+    if args.new_knowledge:  # general Python for the weights, none of it in the bank
+        chosen = {m[0] for m in modules}
+        rows["train"] += [{"text": t, "head": name, "file": path.name}
+                          for name, sources, _ in every if name not in chosen
+                          for path in sources for t in pycode.file_documents(path)]
     for name, sources, test in modules:
         u = bucket(name, f"{seed}-split")
         slice_ = ("heldout" if u < heldout_fraction else
@@ -217,8 +230,9 @@ def pycode_rows(args) -> tuple[dict[str, list[dict]], dict]:
         for path in sources:
             rows["kb"] += [{"text": t, "head": name, "file": path.name}
                            for t in pycode.definitions(path)]
-            rows["train"] += [{"text": t, "head": name, "file": path.name}
-                              for t in pycode.file_documents(path)]
+            if not args.new_knowledge:
+                rows["train"] += [{"text": t, "head": name, "file": path.name}
+                                  for t in pycode.file_documents(path)]
     for name in FILES:
         rows[name].sort(key=lambda d: bucket(d["text"], f"{seed}-order"))
     return rows, {"modules": len(modules),
