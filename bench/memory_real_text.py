@@ -51,6 +51,8 @@ training and bank stages also resume mid-way through the library's own resume):
                (a headword; a module), so a miss can be told apart: retrieval or reading.
  9. oracle     the ceiling of knowledge read as text: held-out documents alone, after the
                knowledge on their subject (chosen by hand, not retrieved), after random knowledge.
+10. copying    can the model use earlier text at all: loss on the second copy of a repeated
+               random token sequence vs the first (induction).
 Writes OUT/results-<slice><tag>.json (OUT/results.json for the default run) and prints a table.
 --slice tune evaluates the tune slice instead (for choosing settings without looking at held-out
 numbers); --tag=-NAME runs another continual setting next to the first, e.g.
@@ -389,6 +391,27 @@ def text_oracle(checkpoint: Path, data: Path, kb: Path, seq_len: int, n_docs: in
             **{f"perplexity_{k}": math.exp(v / tokens) for k, v in nll.items()}}
 
 
+# -- 10. copying ------------------------------------------------------------------------------
+def copy_test(checkpoint: Path, length: int = 100, rows: int = 8) -> dict:
+    """Loss on the second copy of a repeated random token sequence vs on the first. A model that
+    can use what came before it in any form (induction heads: the basis of reading retrieved
+    text or memories) predicts the second copy far better; one that cannot, no better."""
+    import torch
+    import torch.nn.functional as F
+
+    from memory3.train.checkpoint import load_model
+    model, recipe, _ = load_model(checkpoint)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    half = torch.randint(100, recipe.model.vocab_size, (rows, length), generator=g)
+    x = torch.cat([half, half], dim=1)
+    with torch.no_grad():
+        logits = model(x[:, :-1]).logits
+    loss = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
+    return {"first_copy_loss": loss[:, :length - 1].mean().item(),
+            "second_copy_loss": loss[:, length:].mean().item()}
+
+
 # -- main ----------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
@@ -475,6 +498,9 @@ def main(argv=None):
         ckpt, data, files["kb"], args.seq_len)) for name, ckpt in (("continual", continual),
                                                                    ("warmup", warmup))}
 
+    copying = {name: stage(f"copying {name}", False, lambda ckpt=ckpt: copy_test(ckpt))
+               for name, ckpt in (("continual", continual), ("warmup", warmup))}
+
     corpus = json.loads((out / "corpus.json").read_text())
     c = evals["continual"]
     ratios = {"memory_vs_none_ppl": c["memory"]["perplexity"] / c["none"]["perplexity"],
@@ -488,6 +514,7 @@ def main(argv=None):
               "training": {"warmup": metrics_summary(warmup),
                            "continual": metrics_summary(continual)},
               "eval": evals, "ratios": ratios, "retrieval": retrieval, "text_oracle": oracle,
+              "copying": copying,
               "stage_seconds": stage_seconds}
     path = out / f"results-{args.slice}{args.tag}.json"
     if path.exists():  # a re-run skips finished stages: keep the times they took then
@@ -517,6 +544,9 @@ def main(argv=None):
         print(f"text oracle ({name}, {o['documents']} documents): perplexity alone "
               f"{o['perplexity_alone']:.2f}, after the knowledge on their subject "
               f"{o['perplexity_subject']:.2f}, after random knowledge {o['perplexity_random']:.2f}")
+    for name, c in copying.items():
+        print(f"copying ({name}): loss on a repeated random sequence, first copy "
+              f"{c['first_copy_loss']:.2f}, second copy {c['second_copy_loss']:.2f} nats")
     for name, r in retrieval.items():
         print(f"retrieval ({name} query): {r['hit_rate']:.3f} of {r['chunks_reading_memories']} "
               f"chunks read a reference on one of their subjects; "
