@@ -35,6 +35,8 @@ training and bank stages also resume mid-way through the library's own resume):
                each led by its page's title). The knowledge base is the docstrings of every
                documented module (held-out ones included); the training text is the rest of the
                pages plus those docstrings.
+               --copy-drills F adds runs of training words written twice (F of the training
+               characters, training text only): a try at making induction form sooner.
  2. tokenizer  sentencepiece (vocab 8192, the `small` preset's) on the training text; its shards.
  3. warmup     `memory3 train` phase warmup, from scratch.
  4. bank       `memory3 build-bank` with the warmup checkpoint over the knowledge base.
@@ -52,7 +54,7 @@ training and bank stages also resume mid-way through the library's own resume):
  9. oracle     the ceiling of knowledge read as text: held-out documents alone, after the
                knowledge on their subject (chosen by hand, not retrieved), after random knowledge.
 10. copying    can the model use earlier text at all: loss on the second copy of a repeated
-               random token sequence vs the first (induction).
+               sequence vs the first (induction), for random token ids and for held-out text.
 Writes OUT/results-<slice><tag>.json (OUT/results.json for the default run) and prints a table.
 --slice tune evaluates the tune slice instead (for choosing settings without looking at held-out
 numbers); --tag=-NAME runs another continual setting next to the first, e.g.
@@ -105,6 +107,10 @@ def parse_args(argv=None):
                    help="pycode: keep the knowledge base out of the training text (the bank holds "
                         "source the weights never saw, as a bank grown after training would); "
                         "the training text gets the source of modules outside --universe instead")
+    p.add_argument("--copy-drills", type=float, default=0.0,
+                   help="add this fraction (of the training characters) of copy drills to the "
+                        "training text: runs of its words repeated twice, which teach a small "
+                        "model to use earlier text (induction) far sooner than the text alone")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--warmup-steps", type=int, default=250)
@@ -145,6 +151,8 @@ def build_corpus(out: Path, args) -> dict[str, Path]:
         sys.exit("--new-knowledge is for --corpus pycode")
     rows, stats = {"dictionaries": dictionary_rows, "pydocs": pydocs_rows,
                    "pycode": pycode_rows}[args.corpus](args)
+    if args.copy_drills:
+        rows["train"] = copy_drills(rows["train"], args.copy_drills)
     out.mkdir(parents=True, exist_ok=True)
     for name, docs in rows.items():
         tmp = files[name].with_suffix(".tmp")
@@ -154,6 +162,22 @@ def build_corpus(out: Path, args) -> dict[str, Path]:
     stats |= {f"{name}_chars": sum(len(d["text"]) for d in docs) for name, docs in rows.items()}
     (out / "corpus.json").write_text(json.dumps(stats, indent=1) + "\n")
     return files
+
+
+def copy_drills(train: list[dict], fraction: float) -> list[dict]:
+    """train plus drills: 20-60 words drawn from train's own words, written twice, as documents
+    making up `fraction` of the characters, mixed in by hash. Nothing in them is knowledge."""
+    import random
+    import re
+    rng = random.Random(0)
+    words = sorted({w for d in train for w in re.findall(r"\w+", d["text"])})
+    budget = fraction * sum(len(d["text"]) for d in train)
+    drills = []
+    while budget > 0:
+        run = " ".join(rng.choices(words, k=rng.randint(20, 60)))
+        drills.append({"text": f"{run}\n{run}", "head": "", "drill": True})
+        budget -= len(drills[-1]["text"])
+    return sorted(train + drills, key=lambda d: bucket(d["text"], "copy-drills-order"))
 
 
 def dictionary_rows(args) -> tuple[dict[str, list[dict]], dict]:
@@ -392,24 +416,35 @@ def text_oracle(checkpoint: Path, data: Path, kb: Path, seq_len: int, n_docs: in
 
 
 # -- 10. copying ------------------------------------------------------------------------------
-def copy_test(checkpoint: Path, length: int = 100, rows: int = 8) -> dict:
-    """Loss on the second copy of a repeated random token sequence vs on the first. A model that
-    can use what came before it in any form (induction heads: the basis of reading retrieved
-    text or memories) predicts the second copy far better; one that cannot, no better."""
+def copy_test(checkpoint: Path, data: Path, length: int = 100, rows: int = 8) -> dict:
+    """Loss on the second copy of a repeated sequence vs on the first, for random token ids and
+    for the first `length` tokens of held-out documents. A model that can use what came before
+    it in any form (induction heads: the basis of reading retrieved text or memories) predicts
+    the second copy far better; one that cannot, no better. Random ids of a large vocabulary are
+    mostly rare tokens the model barely trained, so the held-out documents are the fairer probe."""
     import torch
     import torch.nn.functional as F
 
-    from memory3.train.checkpoint import load_model
+    from memory3.train.checkpoint import load_model, load_tokenizer
     model, recipe, _ = load_model(checkpoint)
     model.eval()
+    tok = load_tokenizer(checkpoint)
     g = torch.Generator().manual_seed(0)
-    half = torch.randint(100, recipe.model.vocab_size, (rows, length), generator=g)
-    x = torch.cat([half, half], dim=1)
-    with torch.no_grad():
-        logits = model(x[:, :-1]).logits
-    loss = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
-    return {"first_copy_loss": loss[:, :length - 1].mean().item(),
-            "second_copy_loss": loss[:, length:].mean().item()}
+    random_ids = torch.randint(100, recipe.model.vocab_size, (rows, length), generator=g)
+    docs = [ids[:length] for ids in (tok.encode(json.loads(line)["text"])
+                                     for line in data.read_text().splitlines())
+            if len(ids) >= length][:rows * 3]
+    if not docs:
+        raise SystemExit(f"copying: no document of {data} has {length} tokens")
+    result = {}
+    for name, half in (("random", random_ids), ("document", torch.tensor(docs))):
+        x = torch.cat([torch.full((len(half), 1), tok.bos_id), half, half], dim=1)
+        with torch.no_grad():
+            logits = model(x[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
+        result[name] = {"first_copy_loss": loss[:, 1:length].mean().item(),
+                        "second_copy_loss": loss[:, length + 1:].mean().item()}
+    return result
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -498,7 +533,7 @@ def main(argv=None):
         ckpt, data, files["kb"], args.seq_len)) for name, ckpt in (("continual", continual),
                                                                    ("warmup", warmup))}
 
-    copying = {name: stage(f"copying {name}", False, lambda ckpt=ckpt: copy_test(ckpt))
+    copying = {name: stage(f"copying {name}", False, lambda ckpt=ckpt: copy_test(ckpt, data))
                for name, ckpt in (("continual", continual), ("warmup", warmup))}
 
     corpus = json.loads((out / "corpus.json").read_text())
@@ -545,8 +580,10 @@ def main(argv=None):
               f"{o['perplexity_alone']:.2f}, after the knowledge on their subject "
               f"{o['perplexity_subject']:.2f}, after random knowledge {o['perplexity_random']:.2f}")
     for name, c in copying.items():
-        print(f"copying ({name}): loss on a repeated random sequence, first copy "
-              f"{c['first_copy_loss']:.2f}, second copy {c['second_copy_loss']:.2f} nats")
+        print(f"copying ({name}): loss on the first / second copy of a repeated sequence: random "
+              f"ids {c['random']['first_copy_loss']:.2f} / {c['random']['second_copy_loss']:.2f}, "
+              f"held-out text {c['document']['first_copy_loss']:.2f} / "
+              f"{c['document']['second_copy_loss']:.2f} nats")
     for name, r in retrieval.items():
         print(f"retrieval ({name} query): {r['hit_rate']:.3f} of {r['chunks_reading_memories']} "
               f"chunks read a reference on one of their subjects; "
