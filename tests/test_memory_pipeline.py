@@ -117,15 +117,100 @@ def test_eval_modes_score_the_same_tokens(warm_run, bank_dir, world_files, tmp_p
     assert results["memory"]["perplexity"] != results["none"]["perplexity"]
 
 
-def test_continual_phase_trains_with_memories(warm_run, bank_dir, tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def continual_run(warm_run, bank_dir, tiny_data, tmp_path_factory):
+    """4 continual steps from warm_run. No weight decay: a weight that gets no gradient then stays
+    bit for bit what warmup left (Adam moves one that does by about lr per step)."""
+    out = tmp_path_factory.mktemp("cont")
     recipe = Recipe.from_name("tiny-warmup").override(
         [f"data.path={tiny_data}", "phase=continual", f"continual.bank={bank_dir}",
-         f"train.init_from={warm_run}", "train.max_steps=4", "train.eval_every=4",
-         "continual.write_back=false", *MEMORY])
-    result = train(recipe, tmp_path / "cont", progress=False)
-    losses = [r["loss"] for r in read_metrics(tmp_path / "cont" / "metrics.jsonl")
-              if r["kind"] == "train"]
+         f"train.init_from={warm_run}", "train.max_steps=4", "train.eval_every=2",
+         "continual.write_back=false", "optim.weight_decay=0", *MEMORY])
+    return recipe, out, train(recipe, out, progress=False)
+
+
+def test_continual_phase_trains_with_memories(continual_run, warm_run, tiny_data):
+    recipe, out, result = continual_run
+    records = read_metrics(out / "metrics.jsonl")
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses) == 4 and all(np.isfinite(losses)) and "val_ppl" in result
+    # Every evaluation scores the same batches with and without memory.
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        with_memory, without = r["val_loss"], r["val_loss_no_memory"]
+        assert np.isfinite([with_memory, without]).all()
+        assert r["val_memory_gain"] == pytest.approx(without - with_memory, abs=1e-9)
+        assert abs(r["val_memory_gain"]) > 1e-5  # the memories are read
+    # "Without memory" is the plain model on the validation batches: the checkpoint reproduces it.
+    from memory3.data import TokenShards, iter_eval_batches
+    model, _, _ = load_model(out)
+    total = count = 0.0
+    for x, y in iter_eval_batches(TokenShards(tiny_data, "valid"), recipe.data.seq_len,
+                                  recipe.train.micro_batch_size, recipe.train.eval_batches):
+        with torch.no_grad():
+            total += model(x, y).loss.item() * y.numel()
+        count += y.numel()
+    assert total / count == pytest.approx(evals[-1]["val_loss_no_memory"], abs=1e-4)
+    # Warmup evaluations are as before: no memory, nothing to compare.
+    warm_evals = [r for r in read_metrics(warm_run / "metrics.jsonl") if r["kind"] == "eval"]
+    assert warm_evals and all(set(r) == {"kind", "step", "time", "val_loss", "val_ppl"}
+                              for r in warm_evals)
+
+
+def test_continual_training_trains_the_reference_bos_sink(continual_run, warm_run):
+    """Warmup never sees <ref>: only continual training, through the sink every layer attends
+    to, can train its embedding and the sink's keys and values."""
+    from memory3.data.tokenizer import REF_BOS_ID
+    _, out, _ = continual_run
+    warm, _, _ = load_model(warm_run)
+    cont, _, _ = load_model(out)
+    with torch.no_grad():
+        moved = (cont.embed.weight[REF_BOS_ID] - warm.embed.weight[REF_BOS_ID]).abs().max()
+        assert moved > 1e-4, "the <ref> embedding got no gradient"
+        sink_warm, sink_cont = MemoryEncoder(warm).sink_kv(), MemoryEncoder(cont).sink_kv()
+        assert (sink_cont - sink_warm).abs().max() > 1e-4
+        # The layers' weights move anyway: the sink must also move through its own token.
+        cont.embed.weight[REF_BOS_ID] = warm.embed.weight[REF_BOS_ID]
+        assert (sink_cont - MemoryEncoder(cont).sink_kv()).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("previous", [1, 3])
+def test_training_chunks_read_only_what_earlier_chunks_picked(tiny_data, tmp_path, previous):
+    """Chunk c reads exactly the references picked with the text of chunks c-N .. c-1: never its
+    own chunk's pick (that text is what it predicts) nor a later one; chunk 0 reads none."""
+    from memory3.data import TokenShards, Tokenizer, iter_eval_batches, load_manifest
+    from memory3.memory.references import Reference, reference_key
+    from memory3.train.continual import ContinualPhase
+    recipe = Recipe.from_name("tiny-warmup").override(
+        [f"data.path={tiny_data}", *MEMORY, f"model.memories_per_chunk={previous}"])
+    tok = Tokenizer(load_manifest(tiny_data)["tokenizer"]["path"])
+    x, _ = next(iter_eval_batches(TokenShards(tiny_data, "valid"), recipe.data.seq_len, 3, 1))
+    L = recipe.model.chunk_len
+    B, C = x.shape[0], x.shape[1] // L
+    # One reference per chunk holding exactly that chunk's text, so it is what the chunk picks.
+    refs = []
+    for b in range(B):
+        for c in range(C):
+            tokens = tuple(x[b, c * L:(c + 1) * L].tolist())
+            refs.append(Reference(reference_key(f"seq{b}", c * L, tokens), f"seq{b}", c * L,
+                                  (c + 1) * L, tokens, tok.decode(list(tokens))))
+    bank_dir = tmp_path / "bank"
+    with MemoryBank.create(bank_dir, recipe.model) as bank:
+        row = bank.add(refs).reshape(B, C)
+        top, _ = bank.retrieve([r.text for r in refs], 1)
+    assert (top[:, 0] == row.reshape(-1)).all()  # the setup: each chunk's text finds its own
+    phase = ContinualPhase(recipe.override(
+        ["phase=continual", f"continual.bank={bank_dir}", "continual.new_per_chunk=1",
+         f"continual.previous_chunks={previous}",
+         "continual.overlap_threshold=1.0"]),  # a reference may copy its chunk here
+        rank=0, world_size=1, device=torch.device("cpu"))
+    reads = phase.pick_references(x)
+    assert reads.shape == (B, C, previous)
+    for b in range(B):
+        for c in range(C):
+            read = sorted(r for r in reads[b, c].tolist() if r >= 0)
+            assert read == sorted(row[b, max(0, c - previous):c].tolist()), (b, c)
 
 
 def test_continual_training_writes_back_memories_of_cold_references(warm_run, world_files,

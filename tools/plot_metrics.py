@@ -1,4 +1,4 @@
-"""Plot a run's metrics.jsonl: training loss (and validation loss) against tokens.
+"""Plot a run's metrics.jsonl: training loss and validation loss (with and without memory) by step.
 
     python tools/plot_metrics.py runs/tiny-warmup/metrics.jsonl [more runs...] --out loss.png
 Needs matplotlib (`pip install -e '.[plot]'`).
@@ -28,6 +28,11 @@ def main():
         if evals:
             ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-",
                     label=f"{path.parent.name} valid")
+        # Continual runs also score the same validation batches without memory.
+        plain = [r for r in evals if "val_loss_no_memory" in r]
+        if plain:
+            ax.plot([r["step"] for r in plain], [r["val_loss_no_memory"] for r in plain], "s--",
+                    label=f"{path.parent.name} valid, no memory")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()

@@ -85,10 +85,20 @@ class ContinualPhase(WarmupPhase):
         grad = self.recipe.continual.encode_grad if model.training else "none"
         distinct, index, encoded = encode_distinct(encoder, self.bank, batch["rows"].numpy(),
                                                    grad=grad)
-        memory = read_distinct(encoded, index, encoder.sink_kv())
+        # The sink takes gradient in every encode_grad mode: warmup never sees the reference-BOS,
+        # so without it its embedding only decays and every layer attends to an untrained key
+        # (SPEC 1b "The sink must be learnt"). One token's forward: nearly free.
+        memory = read_distinct(encoded, index, encoder.sink_kv(grad=model.training))
         if self.recipe.continual.write_back and self.rank == 0 and model.training:
             self._write_back(distinct, encoded)
         return engine(batch["inputs"], batch["targets"], memory=memory)
+
+    eval_names = ("val_loss", "val_loss_no_memory")
+
+    def eval_losses(self, engine, batch: Batch) -> tuple[torch.Tensor, ...]:
+        # The same batches without memory: whether reading memory pays shows while training runs.
+        return (self.forward(engine, batch).loss,
+                engine(batch["inputs"], batch["targets"]).loss)
 
     def eval_batches(self):
         cfg = self.recipe.model

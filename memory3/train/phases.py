@@ -68,6 +68,12 @@ class WarmupPhase:
     def train_loss(self, engine, batch: Batch) -> torch.Tensor:
         return self.forward(engine, batch).loss
 
+    # What `eval_losses` returns, in order: the trainer averages each over the validation tokens.
+    eval_names: tuple[str, ...] = ("val_loss",)
+
+    def eval_losses(self, engine, batch: Batch) -> tuple[torch.Tensor, ...]:
+        return (self.forward(engine, batch).loss,)
+
     def eval_batches(self) -> Iterator[Batch]:
         if self.valid_data is None:
             return iter(())

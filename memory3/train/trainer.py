@@ -142,17 +142,22 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
         self.engine.eval()
-        loss_sum = count = 0.0
+        names = self.phase.eval_names
+        sums, count = [0.0] * len(names), 0.0
         for batch in self.phase.eval_batches():
             n = (batch["targets"] != IGNORE_INDEX).sum().item()
-            loss_sum += self.phase.forward(self.engine, batch).loss.item() * n
+            for i, loss in enumerate(self.phase.eval_losses(self.engine, batch)):
+                sums[i] += loss.item() * n
             count += n
         self.engine.train()
-        loss_sum, count = all_reduce_sum([loss_sum, count], self.device)
+        *sums, count = all_reduce_sum([*sums, count], self.device)
         if count == 0:
             return None
-        val_loss = loss_sum / count
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        val = {name: s / count for name, s in zip(names, sums)}
+        val["val_ppl"] = math.exp(min(val["val_loss"], 50.0))
+        if "val_loss_no_memory" in val:
+            val["val_memory_gain"] = val["val_loss_no_memory"] - val["val_loss"]
+        return val
 
     def fit(self) -> dict[str, Any]:
         t = self.recipe.train
@@ -181,8 +186,10 @@ class Trainer:
                     last.update(val)
                     self.metrics.log(kind="eval", step=self.step, **val)
                     if self.is_main:
+                        gain = val.get("val_memory_gain")
                         bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f} "
-                                  f"val_ppl {val['val_ppl']:.2f}")
+                                  f"val_ppl {val['val_ppl']:.2f}" +
+                                  ("" if gain is None else f" memory_gain {gain:+.4f}"))
             if self.step % t.save_every == 0 or self.step == t.max_steps:
                 self.save()
         bar.close()
