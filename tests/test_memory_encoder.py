@@ -12,7 +12,7 @@ import torch
 
 from memory3.config import ModelConfig
 from memory3.data import DataError, Document, ReadStats, Tokenizer, train_tokenizer
-from memory3.memory.encoder import EncodedMemories, MemoryEncoder
+from memory3.memory.encoder import EncodedMemories, MemoryEncoder, attention_received
 from memory3.memory.references import (Reference, iter_references, pack_references,
                                        split_document)
 from memory3.model import Transformer
@@ -195,6 +195,40 @@ def test_bos_and_padding_never_kept_even_when_they_draw_all_attention():
         expected = torch.tensor(list(range(1, kept + 1)) + [0] * (TOP_K - kept))
         assert torch.equal(mem.positions[n, 0], expected.expand(G, -1)), n
     assert torch.isfinite(mem.kv).all()
+
+
+def test_equal_keys_tie_exactly_whatever_the_batch():
+    """A token repeated in a reference has one key at the first layer (its input is the embedding):
+    its copies must receive the same attention to the bit, at every padded length, so that ties go
+    to the lower position and a reference's memory does not depend on its batch (multi-rank builds
+    batch references differently). A vector-matrix bmm over the queries broke such ties."""
+    model = build(memory_layers=[0], n_layers=2)
+    vocab = model.cfg.vocab_size
+    g = torch.Generator().manual_seed(3)
+    words = torch.randint(5, vocab, (5,), generator=g)
+    ref = words[torch.randint(0, 5, (60,), generator=g)].tolist()
+    encoder = MemoryEncoder(model)
+    alone = encoder.encode(*pack([ref])).positions[0, 0]                   # (G, K)
+    for g_kept in alone.tolist():  # the copies of a word that are kept are its first ones
+        for word in words.tolist():
+            copies = [i + 1 for i, t in enumerate(ref) if t == word]
+            kept = [p for p in g_kept if p in copies]
+            assert kept == copies[:len(kept)], (word, copies, g_kept)
+    attn = model.blocks[0].attn
+    H, G, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    for other_len in range(61, 128, 2):  # padded lengths 62..128 (60 tokens + BOS alone: 61)
+        tokens, lengths = pack([random_refs([other_len], vocab, seed=other_len)[0], ref])
+        with torch.no_grad():
+            x = model.blocks[0].attn_norm(model.embed(tokens))
+            q, k, _ = x.matmul(attn.wqkv.weight.T).split(attn.split_sizes, dim=-1)
+            received = attention_received(q.view(*tokens.shape, H, D).transpose(1, 2),
+                                          k.view(*tokens.shape, G, D).transpose(1, 2), lengths)
+        for word in words.tolist():
+            at = (tokens[1] == word).nonzero()[:, 0]
+            assert len(at) > 1
+            same = received[1][:, at]
+            assert torch.equal(same, same[:, :1].expand_as(same)), (other_len, word)
+        assert torch.equal(encoder.encode(tokens, lengths).positions[1, 0], alone), other_len
 
 
 def test_short_references_have_empty_slots():

@@ -11,9 +11,11 @@ with q and k *without* rotary positions and no causal mask. The reference-BOS (p
 padding are never kept. Kept keys carry rotary at their original position (rotary before selection),
 so a memory reads like the text it came from, at positions 1..L-1.
 
-Decisions (SPEC 1b): the query heads of a KV group are summed. Ties go to the lower position. Slots
-are sorted by position; a reference with fewer than K tokens besides the reference-BOS fills the
-remaining (last) slots with position 0 and zero key/value, which `EncodedMemories.mask` marks empty.
+Decisions (SPEC 1b): the query heads of a KV group are summed. Ties go to the lower position, and
+equal keys tie exactly (see `attention_received`), so a reference's memory does not depend on the
+batch it was encoded in. Slots are sorted by position; a reference with fewer than K tokens besides
+the reference-BOS fills the remaining (last) slots with position 0 and zero key/value, which
+`EncodedMemories.mask` marks empty.
 Selection is a discrete choice, so it never carries gradient. `grad` picks what the kept keys and
 values carry back to the weights (continual training, `continual.encode_grad`):
   "none"  nothing (building banks, evaluation).
@@ -69,13 +71,22 @@ class EncodedMemories:
 
 
 @torch.no_grad()
-def select_positions(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor,
-                     top_k: int) -> torch.Tensor:
-    """The top_k most attended positions per reference and KV head: (N, G, K) long, ascending,
-    then 0 for empty slots.
+def attention_received(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """received (N, G, L) fp32: the attention each key receives from the real queries of its KV
+    group's R heads, softmax over real keys, no causal mask; padding keys score 0.
 
     q (N, H, L, D) and k (N, G, L, D) are unrotated; lengths (N,) count the reference-BOS.
     Scores are computed in fp32 whatever the model's dtype.
+
+    Equal keys must score bit-for-bit equal, whatever their positions and the padded length L:
+    a token repeated in a reference has the same key at the first layer (its input is the
+    embedding alone), and "ties go to the lower position" is what keeps a reference's memory
+    independent of the batch it was encoded in (multi-rank builds deal references to ranks, so
+    batches differ; SPEC 1d). So the keys are the *rows* of every intermediate and each key's score
+    is a reduction along its own contiguous row. Reducing over queries across key columns instead
+    (a vector-matrix bmm, or a sum over a non-innermost dim) accumulates different columns in
+    different orders (BLAS kernels treat the tail columns of a block apart), which broke such ties
+    by one ulp toward whatever columns the kernel favoured at that L.
     """
     N, H, L, D = q.shape
     G = k.shape[1]
@@ -83,18 +94,27 @@ def select_positions(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor,
     real = torch.arange(L, device=q.device) < lengths[:, None]              # (N, L)
     # Query heads g*R .. g*R+R-1 share KV head g (as SDPA's enable_gqa): viewing them as R*L
     # queries of group g scores a whole layer in one batched matmul without repeating k. baddbmm
-    # applies the scale and the padding mask inside that matmul, not in extra passes over logits.
+    # applies the scale and the padding-key mask inside that matmul, not in extra passes.
     key_bias = torch.zeros(N, L, device=q.device).masked_fill_(~real, float("-inf"))
     # One copy each, to contiguous fp32 (whatever the model's dtype and q/k's strides).
     q32, k32 = (torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x) for x in (q, k))
-    logits = torch.baddbmm(key_bias.repeat_interleave(G, dim=0)[:, None, :],         # (N*G, 1, L)
-                           q32.view(N * G, R * L, D), k32.view(N * G, L, D).transpose(1, 2),
-                           alpha=D ** -0.5)
-    probs = logits.softmax(dim=-1)                                          # (N*G, R*L, L)
-    # Attention received from the real queries of all R heads: a vector-matrix product.
-    query_weight = real.float().repeat(1, R).repeat_interleave(G, dim=0)    # (N*G, R*L)
-    received = torch.bmm(query_weight[:, None, :], probs).view(N, G, L)
-    selectable = real.clone()
+    logits = torch.baddbmm(key_bias.repeat_interleave(G, dim=0)[:, :, None],         # (N*G, L, 1)
+                           k32.view(N * G, L, D), q32.view(N * G, R * L, D).transpose(1, 2),
+                           alpha=D ** -0.5)                                 # (N*G, L keys, R*L)
+    probs = logits.softmax(dim=1)                                           # over keys
+    query_pad = (~real).repeat(1, R).repeat_interleave(G, dim=0)            # (N*G, R*L)
+    return probs.masked_fill_(query_pad[:, None, :], 0).sum(dim=-1).view(N, G, L)
+
+
+@torch.no_grad()
+def select_positions(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor,
+                     top_k: int) -> torch.Tensor:
+    """The top_k most attended positions per reference and KV head: (N, G, K) long, ascending,
+    then 0 for empty slots. q, k, lengths as in `attention_received`.
+    """
+    L = q.shape[2]
+    received = attention_received(q, k, lengths)
+    selectable = torch.arange(L, device=q.device) < lengths[:, None]
     selectable[:, 0] = False                                                # the reference-BOS
     received.masked_fill_(~selectable[:, None, :], float("-inf"))
     if L < top_k:
