@@ -1,9 +1,12 @@
-"""The test that proves memory is read: facts nobody can guess, held out of all training text.
+"""The test that proves memory is read in the shipped format: facts nobody can guess, held out of
+all training text.
 
 The fact world of memory3.eval.facts: a tiny model is warmed up on entities that are nowhere in
 the bank (it learns the format), the bank is built, and continual training reads it through the
-real trainer. On held-out entities, whose facts are only in the bank, the value after "=" must
-then be predicted far better with memory than without (without it nothing beats log(40) nats).
+real trainer with the shipped memory format (64-token chunks, the first half of the layers, top-8
+of each reference, 1 new reference per chunk read by the next 5 chunks: nothing overridden). On
+held-out entities, whose facts are only in the bank, the value after "=" must then be predicted
+far better with memory than without (without it nothing beats log(40) nats).
 """
 from __future__ import annotations
 
@@ -13,13 +16,13 @@ import pytest
 
 from memory3.config import Recipe
 from memory3.data import Tokenizer, prepare_data, train_tokenizer
-from memory3.eval.facts import FACT_CONTINUAL, FACT_MODEL, VALUES, fact_losses, write_facts
+from memory3.eval.facts import FACT_DATA, VALUES, fact_losses, write_facts
 from memory3.memory.bank import MemoryBank
 from memory3.memory.build import build_bank
 from memory3.train.checkpoint import load_model
 from memory3.train.trainer import train
 
-TRAIN = [*FACT_MODEL, "train.micro_batch_size=16", "train.eval_every=1000", "optim.lr=5e-3"]
+TRAIN = [*FACT_DATA, "train.micro_batch_size=16", "train.eval_every=1000", "optim.lr=5e-3"]
 
 @pytest.mark.timeout(900)
 def test_continual_training_learns_to_read_facts_from_memory(tmp_path):
@@ -35,7 +38,7 @@ def test_continual_training_learns_to_read_facts_from_memory(tmp_path):
     build_bank(tmp_path / "warm", [data["knowledge"]], tmp_path / "bank", progress=False)
 
     continual = Recipe.from_name("tiny-continual").override(
-        [*TRAIN, *FACT_CONTINUAL, f"data.path={tmp_path / 'shards_train'}",
+        [*TRAIN, f"data.path={tmp_path / 'shards_train'}",
          f"continual.bank={tmp_path / 'bank'}", f"train.init_from={tmp_path / 'warm'}",
          "train.max_steps=400", "train.save_every=400", "schedule.warmup_steps=20"])
     train(continual, tmp_path / "continual", progress=False)

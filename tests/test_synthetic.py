@@ -48,7 +48,7 @@ def test_heldout_never_in_corpus(world):
     for e in held:
         assert any(e.name in d for d in heldout_docs)
         # every held-out fact is in the knowledge base
-        sheet = next(d for d in world.knowledge_documents() if d.startswith(e.name + " ("))
+        sheet = next(d for d in world.knowledge_documents() if d.startswith(f"{e.name} {e.kind} "))
         assert all(f.value in sheet for f in world.facts_of(e))
 
 
@@ -89,3 +89,22 @@ def test_default_size_and_speed():
     size = sum(len(d.encode()) + 2 for d in docs)
     assert 1.5e6 <= size <= 3e6, size
     assert elapsed < 2.0, elapsed
+
+
+def test_fresh_entities_only_in_continual_text_and_knowledge(world):
+    fresh_world = make_world(seed=0, n_fresh=30)
+    # Adding fresh entities changes nothing about the known and held-out ones.
+    assert fresh_world.entities[:len(world.entities)] == world.entities
+    assert fresh_world.corpus_documents() == world.corpus_documents()
+    assert fresh_world.heldout_documents() == world.heldout_documents()
+    fresh = [e for e in fresh_world.entities if e.fresh]
+    assert len(fresh) == 30 and not any(e.heldout for e in fresh)
+    corpus = "\n".join(world.corpus_documents())
+    continual = "\n".join(fresh_world.continual_documents())
+    sheets = fresh_world.knowledge_documents()
+    for e in fresh:
+        assert not re.search(rf"\b{re.escape(e.name)}\b", corpus), e.name
+        assert continual.count(e.name) >= 2
+        assert any(s.startswith(f"{e.name} {e.kind} ") for s in sheets)
+    assert not any(e.name in continual for e in fresh_world.entities if e.heldout)
+    assert world.continual_documents() == []

@@ -4,17 +4,22 @@ Entities (people, cities, rivers, companies, elements, ships) get pronounceable 
 from random syllables, and facts whose values are drawn at random, so no model can guess them:
 a fact is known only if it was read, either in training text or (later) from explicit memory.
 
-Three views of the same world:
-  * corpus_documents()    - pretraining text: prose about the non-held-out entities, each fact
+Views of the same world:
+  * corpus_documents()    - pretraining text: prose about the known entities, each fact
                             repeated in several templates, plus everyday filler sentences so the
                             language has breadth beyond the facts.
+  * continual_documents() - prose about the `n_fresh` fresh entities (none by default), which the
+                            corpus never names: text for continual training whose facts only the
+                            bank holds, so reading memory pays while it is learnt. On the corpus it
+                            would not: a small model memorises every corpus fact during warmup, and
+                            then memory brings it nothing to learn from (quickstart, issue 11).
   * knowledge_documents() - the knowledge base: one terse fact sheet per entity (all entities),
                             worded differently from the corpus, so memory is not a copy of the text.
   * heldout_documents()   - corpus-style prose about held-out entities, whose names and facts are
                             nowhere in the corpus: perplexity on it measures use of knowledge the
                             model has not memorised (the fact sheets hold it).
-Entity-valued facts always point at non-held-out entities, so the corpus never names a held-out
-one, while a held-out entity's values are names the model has seen (copyable from memory).
+Entity-valued facts always point at known entities, so the corpus never names a held-out or fresh
+one, while their values are names the model has seen (copyable from memory).
 """
 from __future__ import annotations
 
@@ -126,6 +131,13 @@ VALUES = {
 # Connective prose around the facts (per document, not per fact).
 INTROS = ["This is a short account of {s}.", "Much has been written about {s}.", "Here is what we know about {s}.",
           "The following notes concern {s}.", "Few travellers forget {s}.", "Let us turn to {s}."]
+# Asides that name the entity between its facts: an account runs over several 64-token chunks and
+# keeps its subject in each, as real articles do, so the chunk before a fact (the causal retrieval
+# query) is about the entity the fact is about.
+ASIDES = ["People in the region still talk about {s}.", "There are many stories about {s}.",
+          "Not everyone agrees about {s}.", "Every old guidebook has a page on {s}.",
+          "Some of this is still remembered about {s}.", "Visitors often ask about {s}.",
+          "The archives say more about {s}."]
 OUTROS = ["Little else is known for certain.", "Historians still argue about the details.",
           "More can be found in the old archives.", "That is the story as it is usually told.", ""]
 # Everyday filler: a small fixed vocabulary combined freely, for general English structure.
@@ -169,6 +181,7 @@ class Entity:
     name: str
     kind: str
     heldout: bool = False
+    fresh: bool = False  # named only by continual_documents() and the knowledge base
     pronoun: str = "it"
 
 
@@ -189,15 +202,24 @@ class World:
     # ---- text generation; each view has its own string-seeded RNG, so call order never matters.
     def corpus_documents(self) -> list[str]:
         r = random.Random(f"{self.seed}/corpus")
-        known = [e for e in self.entities if not e.heldout]
+        known = [e for e in self.entities if not (e.heldout or e.fresh)]
         docs = []
         for e in known:
             facts = self.facts_of(e)
             for rep in range(10):  # each fact lands in 7-8 of 10 documents, in varying templates
                 subset = [f for j, f in enumerate(facts) if (rep + j) % 4 != 0]
                 docs.append(self._profile(r, e, subset, n_filler=r.randint(0, 3)))
-        for _ in range(4 * len(self.entities)):  # plain everyday stories
+        for _ in range(4 * sum(not e.fresh for e in self.entities)):  # plain everyday stories
             docs.append(" ".join(_filler(r) for _ in range(r.randint(4, 9))))
+        r.shuffle(docs)
+        return docs
+
+    def continual_documents(self) -> list[str]:
+        r = random.Random(f"{self.seed}/continual")
+        fresh = [e for e in self.entities if e.fresh]
+        docs = [self._profile(r, e, self.facts_of(e), n_filler=r.randint(0, 1))
+                for e in fresh for _ in range(2)]
+        docs += [" ".join(_filler(r) for _ in range(r.randint(4, 9))) for _ in range(len(fresh) // 2)]
         r.shuffle(docs)
         return docs
 
@@ -215,9 +237,12 @@ class World:
                 for e in self.entities if e.heldout for _ in range(2)]
 
     def _fact_sheet(self, e: Entity) -> str:
-        labels = {a: lab for a, _, lab, _ in SCHEMA[e.kind]}
-        items = "; ".join(f"{labels[f.attribute]}: {f.value}" for f in self.facts_of(e))
-        return f"{e.name} ({e.kind}). {items}."
+        # Words only, no punctuation: a reference keeps its 8 most attended tokens per layer and
+        # head, and punctuation draws attention (a sheet written "Label: value;" kept mostly
+        # ":", ";" and "." and few values; bench/RESULTS.md knowledge_reading).
+        labels = {a: lab.lower() for a, _, lab, _ in SCHEMA[e.kind]}
+        items = " ".join(f"{labels[f.attribute]} {f.value}" for f in self.facts_of(e))
+        return f"{e.name} {e.kind} {items}"
 
     def _profile(self, r: random.Random, e: Entity, facts: list[Fact], n_filler: int) -> str:
         templates = {a: t.split("|") for a, _, _, t in SCHEMA[e.kind]}
@@ -230,6 +255,8 @@ class World:
             use_pronoun = t.startswith("{s}") and r.random() < 0.3
             s = e.pronoun if use_pronoun else e.name
             out.append(_an(_cap(t.format(s=s, v=f.value))))
+            if r.random() < 0.5:
+                out.append(r.choice(ASIDES).format(s=e.name))
         for _ in range(n_filler):
             out.insert(r.randint(1, len(out)), _filler(r))
         out.append(r.choice(OUTROS))
@@ -262,17 +289,18 @@ def _word(r: random.Random, used: set[str], syllables: tuple[int, int] = (2, 3))
             return w
 
 
-def make_world(seed: int = 0, n_entities: int = 400, heldout_fraction: float = 0.1) -> World:
+def _entity(r: random.Random, used: set[str], kind: str, fresh: bool = False) -> Entity:
+    if kind == "person":
+        return Entity(f"{_word(r, used, (2, 2))} {_word(r, used)}", kind,
+                      pronoun=r.choice(["he", "she"]), fresh=fresh)
+    return Entity(_word(r, used) + ("ium" if kind == "element" else ""), kind, fresh=fresh)
+
+
+def make_world(seed: int = 0, n_entities: int = 400, heldout_fraction: float = 0.1,
+               n_fresh: int = 0) -> World:
     r = random.Random(seed)
     used: set[str] = set()
-    entities: list[Entity] = []
-    for i in range(n_entities):
-        kind = KIND_CYCLE[i % len(KIND_CYCLE)]
-        if kind == "person":
-            e = Entity(f"{_word(r, used, (2, 2))} {_word(r, used)}", kind, pronoun=r.choice(["he", "she"]))
-        else:
-            e = Entity(_word(r, used) + ("ium" if kind == "element" else ""), kind)
-        entities.append(e)
+    entities = [_entity(r, used, KIND_CYCLE[i % len(KIND_CYCLE)]) for i in range(n_entities)]
     # Hold out the same fraction of every kind, keeping at least one known entity per kind
     # (entity-valued facts must point at known entities).
     for kind in SCHEMA:
@@ -281,6 +309,11 @@ def make_world(seed: int = 0, n_entities: int = 400, heldout_fraction: float = 0
         for e in r.sample(members, k):
             e.heldout = True
     known = {k: [e for e in entities if e.kind == k and not e.heldout] for k in SCHEMA}
+    # Their own generator, after everything else is drawn: a world with fresh entities has the
+    # same known and held-out entities as one without.
+    r_fresh = random.Random(f"{seed}/fresh")
+    entities += [_entity(r_fresh, used, KIND_CYCLE[i % len(KIND_CYCLE)], fresh=True)
+                 for i in range(n_fresh)]
     facts = []
     for e in entities:
         attrs = SCHEMA[e.kind]
@@ -296,12 +329,17 @@ def make_world(seed: int = 0, n_entities: int = 400, heldout_fraction: float = 0
 
 
 def write_world(world: World, out_dir: str | Path) -> dict[str, Path]:
-    """corpus.txt / heldout.txt: one document per paragraph, blank-line separated; knowledge.jsonl."""
+    """corpus.txt / heldout.txt (and continual.txt with fresh entities): one document per
+    paragraph, blank-line separated; knowledge.jsonl."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"corpus": out / "corpus.txt", "knowledge": out / "knowledge.jsonl", "heldout": out / "heldout.txt"}
     paths["corpus"].write_text("\n\n".join(world.corpus_documents()) + "\n", encoding="utf-8")
     paths["heldout"].write_text("\n\n".join(world.heldout_documents()) + "\n", encoding="utf-8")
+    if any(e.fresh for e in world.entities):
+        paths["continual"] = out / "continual.txt"
+        paths["continual"].write_text("\n\n".join(world.continual_documents()) + "\n",
+                                      encoding="utf-8")
     paths["knowledge"].write_text("".join(json.dumps(rec) + "\n" for rec in world.knowledge_records()),
                                   encoding="utf-8")
     return paths

@@ -1,10 +1,11 @@
 """Does a model read its memories? A world of facts nobody can guess, and their loss.
 
 Made-up names (four random syllables) each get a value drawn at random from 40 words. Text states a
-fact as "Name Name ... Name = value ." (the repeated name fills the chunk before the value, which is
-the causal retrieval query); the knowledge base says the same in other words ("greek letters :
-Name = value .") five times per entity, short enough that every token is kept in memory at
-memory_top_k >= 24. Three disjoint groups: `train` (text + bank), `warm` (text only: teaches the
+fact as "Name Name ... Name = value ." with the name repeated often enough (`repeats`) to fill a
+whole 64-token chunk before the value: with causal retrieval the chunk before the value is the
+query, so it must be about the entity, as consecutive chunks of real text share their subject. The
+knowledge base says the same in other words ("greek letters : Name = value .") five times per
+entity: references of ~13 tokens, of which memory_top_k = 8 keep most. Three disjoint groups: `train` (text + bank), `warm` (text only: teaches the
 format, after "=" one of 40 words), `heldout` (bank only). Without memory no model beats
 log(40) = 3.7 nats on a held-out value; with memory read, it can approach 0.
 Used by tests/test_knowledge.py and bench/knowledge_reading.py.
@@ -23,16 +24,14 @@ VALUES = ("apple house water green table stone river light music paper glass bre
           "radio sheep tiger train wheel zebra sugar tooth smile storm snake plant").split()
 SYLLABLES = "ka lo mi ter vun sa dri pol gen ru fa zek bo nil quo xa".split()
 FILLER = "alpha beta gamma delta omega sigma kappa theta lambda zeta".split()
-# What a model needs to read these facts the way they are written: 16-token chunks (a fact's
-# chunk follows one full of its name), every reference token kept, each chunk reading the 5
-# references retrieved with the previous chunk's text (in training as at evaluation).
-FACT_MODEL = ["model.chunk_len=16", "model.memory_layers=all", "model.memory_top_k=24",
-              "data.seq_len=64"]
-FACT_CONTINUAL = ["continual.previous_chunks=1", "continual.new_per_chunk=5"]
+# The fact world is read in the shipped memory format (model and continual defaults: 64-token
+# chunks, the first half of the layers, top-8 of each reference, 1 new reference per chunk read by
+# the next 5 chunks); sequences of 256 tokens hold several facts and 4 chunks.
+FACT_DATA = ["data.seq_len=256"]
 
 
 def write_facts(out: str | Path, n_train: int = 3000, n_warm: int = 500, n_heldout: int = 100,
-                seed: int = 0) -> dict[str, Path]:
+                seed: int = 0, repeats: tuple[int, int] = (24, 28)) -> dict[str, Path]:
     """train.txt, warm.txt, heldout.txt (one fact per paragraph) and kb.jsonl under out."""
     rng = random.Random(seed)
     names: set[str] = set()
@@ -47,7 +46,7 @@ def write_facts(out: str | Path, n_train: int = 3000, n_warm: int = 500, n_heldo
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, group in groups.items():
-        docs = [" ".join([n] * rng.randint(8, 10)) + f" = {fact[n]} ." for n in group]
+        docs = [" ".join([n] * rng.randint(*repeats)) + f" = {fact[n]} ." for n in group]
         paths[split] = out / f"{split}.txt"
         paths[split].write_text("\n\n".join(docs) + "\n")
     paths["knowledge"] = out / "kb.jsonl"
@@ -61,9 +60,10 @@ def write_facts(out: str | Path, n_train: int = 3000, n_warm: int = 500, n_heldo
 
 @torch.no_grad()
 def fact_losses(model, bank, tokenizer, heldout: str | Path) -> dict[str, float]:
-    """Mean loss (nats) of the value after "=" in each document of `heldout`, without and with
-    memory: causal retrieval by the previous chunk, the evaluation overlap filter, references
-    encoded now by `model` (its weights may differ from those that filled the bank)."""
+    """Mean loss (nats) of the value after "=" (all its tokens, summed) in each document of
+    `heldout`, without and with memory: causal retrieval by the previous chunk, the evaluation
+    overlap filter, references encoded now by `model` (its weights may differ from those that
+    filled the bank). A model that knows only the format pays log(40) per value without memory."""
     from memory3.memory.encoder import MemoryEncoder
     from memory3.memory.overlap import EVAL_OVERLAP
     from memory3.memory.reading import chunk_memories, retrieve_for_chunks
@@ -77,7 +77,8 @@ def fact_losses(model, bank, tokenizer, heldout: str | Path) -> dict[str, float]
     for doc in Path(heldout).read_text().split("\n\n"):
         ids = [tokenizer.bos_id] + tokenizer.encode(doc.strip())
         x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
-        at = len(ids) - 1 - ids[::-1].index(eq)  # x[at] is "=", y[at] the value
+        # y[at:end] are the value's tokens: after the last "=", before the closing " ."
+        at, end = len(ids) - 1 - ids[::-1].index(eq), len(ids) - 2
         if at < L:
             raise ValueError(f"{heldout}: a fact sits in the first {L}-token chunk, which has no "
                              f"previous chunk to retrieve with; repeat the name more")
@@ -85,6 +86,6 @@ def fact_losses(model, bank, tokenizer, heldout: str | Path) -> dict[str, float]
                                    overlap_threshold=EVAL_OVERLAP)
         memory = chunk_memories(bank, rows, sink, encoder=encoder)
         for mode, m in (("none", None), ("memory", memory)):
-            logits = model(x, memory=m).logits[0, at].float()
-            losses[mode].append(F.cross_entropy(logits[None], y[0, at:at + 1]).item())
+            logits = model(x, memory=m).logits[0, at:end].float()
+            losses[mode].append(F.cross_entropy(logits, y[0, at:end], reduction="sum").item())
     return {mode: sum(v) / len(v) for mode, v in losses.items()}
