@@ -25,6 +25,7 @@ from memory3.train.trainer import train
 WARMUP, CONTINUAL = "mini-warmup", "mini-continual"
 VOCAB_SIZE = 2048
 FRESH_ENTITIES = 3000
+SHEETS_PER_ENTITY = 3
 EVAL_MODES = ("none", "memory", "rag")
 EVAL_SEQUENCES = 32
 STAGES = 8
@@ -52,7 +53,8 @@ def quickstart(out: str | Path = "quickstart", steps: int | None = None,
     start = time.time()
 
     _stage(1, "corpus: a generated world of people, cities, rivers and their facts")
-    files = write_world(make_world(seed=0, n_fresh=FRESH_ENTITIES), out / "corpus")
+    files = write_world(make_world(seed=0, n_fresh=FRESH_ENTITIES,
+                                  sheets_per_entity=SHEETS_PER_ENTITY), out / "corpus")
     print(f"wrote {', '.join(str(p) for p in files.values())}")
 
     _stage(2, "tokenizer: sentencepiece BPE")

@@ -108,3 +108,13 @@ def test_fresh_entities_only_in_continual_text_and_knowledge(world):
         assert any(s.startswith(f"{e.name} {e.kind} ") for s in sheets)
     assert not any(e.name in continual for e in fresh_world.entities if e.heldout)
     assert world.continual_documents() == []
+
+
+def test_several_sheets_per_entity_each_hold_every_fact():
+    w = make_world(seed=0, n_entities=60, sheets_per_entity=3)
+    rows = w.knowledge_records()
+    assert len(rows) == 3 * len(w.entities) and len({r["id"] for r in rows}) == len(rows)
+    for e in w.entities:
+        sheets = [r["text"] for r in rows if r["text"].startswith(f"{e.name} {e.kind} ")]
+        assert len(set(sheets)) == 3  # the same facts in three orders
+        assert all(f.value in s for s in sheets for f in w.facts_of(e))

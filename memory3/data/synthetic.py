@@ -11,9 +11,9 @@ Views of the same world:
   * continual_documents() - prose about the `n_fresh` fresh entities (none by default), which the
                             corpus never names: text for continual training whose facts only the
                             bank holds, so reading memory pays while it is learnt. On the corpus it
-                            would not: a small model memorises every corpus fact during warmup, and
-                            then memory brings it nothing to learn from (quickstart, issue 11).
-  * knowledge_documents() - the knowledge base: one terse fact sheet per entity (all entities),
+                            would not: a small model memorises every corpus fact during warmup,
+                            and memory has nothing to teach it there (bench/RESULTS.md, quickstart).
+  * knowledge_documents() - the knowledge base: terse fact sheets (`sheets_per_entity` each),
                             worded differently from the corpus, so memory is not a copy of the text.
   * heldout_documents()   - corpus-style prose about held-out entities, whose names and facts are
                             nowhere in the corpus: perplexity on it measures use of knowledge the
@@ -190,6 +190,10 @@ class World:
     entities: list[Entity]
     facts: list[Fact]
     seed: int = 0
+    # Fact sheets per entity, each listing the facts in another order: several knowledge-base
+    # records on one subject, as real knowledge bases have. A chunk retrieves 5 references; with
+    # one sheet per entity 4 of them are other entities' sheets, with facts of the same types.
+    sheets_per_entity: int = 1
     _by_entity: dict[str, list[Fact]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -219,29 +223,33 @@ class World:
         fresh = [e for e in self.entities if e.fresh]
         docs = [self._profile(r, e, self.facts_of(e), n_filler=r.randint(0, 1))
                 for e in fresh for _ in range(2)]
-        docs += [" ".join(_filler(r) for _ in range(r.randint(4, 9))) for _ in range(len(fresh) // 2)]
+        docs += [" ".join(_filler(r) for _ in range(r.randint(4, 9)))
+                 for _ in range(len(fresh) // 2)]
         r.shuffle(docs)
         return docs
 
     def knowledge_documents(self) -> list[str]:
-        return [self._fact_sheet(e) for e in self.entities]
+        return [r["text"] for r in self.knowledge_records()]
 
     def knowledge_records(self) -> list[dict]:
-        """knowledge.jsonl rows; id is '<kind>-<name>', unique because names are."""
-        return [{"id": f"{e.kind}-{e.name.lower().replace(' ', '-')}", "text": self._fact_sheet(e)}
-                for e in self.entities]
+        """knowledge.jsonl rows; id is '<kind>-<name>[-<sheet>]', unique because names are."""
+        n = self.sheets_per_entity
+        return [{"id": f"{e.kind}-{e.name.lower().replace(' ', '-')}" + (f"-{i}" if n > 1 else ""),
+                 "text": self._fact_sheet(e, i)} for e in self.entities for i in range(n)]
 
     def heldout_documents(self) -> list[str]:
         r = random.Random(f"{self.seed}/heldout")
         return [self._profile(r, e, self.facts_of(e), n_filler=r.randint(0, 1))
                 for e in self.entities if e.heldout for _ in range(2)]
 
-    def _fact_sheet(self, e: Entity) -> str:
+    def _fact_sheet(self, e: Entity, rotate: int = 0) -> str:
         # Words only, no punctuation: a reference keeps its 8 most attended tokens per layer and
         # head, and punctuation draws attention (a sheet written "Label: value;" kept mostly
-        # ":", ";" and "." and few values; bench/RESULTS.md knowledge_reading).
+        # ":", ";" and "." and few values; bench/RESULTS.md quickstart).
         labels = {a: lab.lower() for a, _, lab, _ in SCHEMA[e.kind]}
-        items = " ".join(f"{labels[f.attribute]} {f.value}" for f in self.facts_of(e))
+        facts = self.facts_of(e)
+        facts = facts[rotate % len(facts):] + facts[:rotate % len(facts)]
+        items = " ".join(f"{labels[f.attribute]} {f.value}" for f in facts)
         return f"{e.name} {e.kind} {items}"
 
     def _profile(self, r: random.Random, e: Entity, facts: list[Fact], n_filler: int) -> str:
@@ -297,7 +305,7 @@ def _entity(r: random.Random, used: set[str], kind: str, fresh: bool = False) ->
 
 
 def make_world(seed: int = 0, n_entities: int = 400, heldout_fraction: float = 0.1,
-               n_fresh: int = 0) -> World:
+               n_fresh: int = 0, sheets_per_entity: int = 1) -> World:
     r = random.Random(seed)
     used: set[str] = set()
     entities = [_entity(r, used, KIND_CYCLE[i % len(KIND_CYCLE)]) for i in range(n_entities)]
@@ -325,7 +333,7 @@ def make_world(seed: int = 0, n_entities: int = 400, heldout_fraction: float = 0
             else:
                 value = VALUES[vtype](r)
             facts.append(Fact(e.name, a, value))
-    return World(entities, facts, seed)
+    return World(entities, facts, seed, sheets_per_entity)
 
 
 def write_world(world: World, out_dir: str | Path) -> dict[str, Path]:

@@ -5,9 +5,10 @@ fact as "Name Name ... Name = value ." with the name repeated often enough (`rep
 whole 64-token chunk before the value: with causal retrieval the chunk before the value is the
 query, so it must be about the entity, as consecutive chunks of real text share their subject. The
 knowledge base says the same in other words ("greek letters : Name = value .") five times per
-entity: references of ~13 tokens, of which memory_top_k = 8 keep most. Three disjoint groups: `train` (text + bank), `warm` (text only: teaches the
-format, after "=" one of 40 words), `heldout` (bank only). Without memory no model beats
-log(40) = 3.7 nats on a held-out value; with memory read, it can approach 0.
+entity: references of ~13 tokens, of which memory_top_k = 8 keep most. Three disjoint groups:
+`train` (text + bank), `warm` (text only: teaches the format, after "=" one of 40 words),
+`heldout` (bank only). Without memory no model beats log(40) = 3.7 nats on a held-out value; with
+memory read, it can approach 0.
 Used by tests/test_knowledge.py and bench/knowledge_reading.py.
 """
 from __future__ import annotations
