@@ -24,10 +24,8 @@ from memory3.train.trainer import train
 
 TRAIN = [*FACT_DATA, "train.micro_batch_size=16", "train.eval_every=1000", "optim.lr=5e-3"]
 
-# ~7 minutes on 2 cores: the shipped format is learnt in ~400 steps of 16 x 256 tokens (half the
-# tokens learn nothing yet), too long for the default run; CI runs it after it (.ci/run).
-@pytest.mark.slow
-@pytest.mark.timeout(1500)
+# ~2 minutes on 2 cores: the shipped format is learnt in ~400 steps of 16 x 256 tokens.
+@pytest.mark.timeout(900)
 def test_continual_training_learns_to_read_facts_from_memory(tmp_path):
     data = write_facts(tmp_path / "facts")
     tok = train_tokenizer([data["train"], data["warm"], data["knowledge"]], tmp_path / "tok", 512,
