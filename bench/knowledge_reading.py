@@ -60,7 +60,7 @@ def run_setting(out: Path, data: dict, tok, overrides: list[str], args) -> dict:
     curve = {}
     for ckpt in sorted((run / "checkpoints").glob("step-*")):
         model, _, info = load_model(ckpt)
-        curve[info["step"]] = fact_losses(model, bank, tok, data["heldout"])
+        curve[str(info["step"])] = fact_losses(model, bank, tok, data["heldout"])  # as in JSON
     # Every step has the same tokens, so 1 / tokens_per_s is proportional to its time.
     times = [1 / m["tokens_per_s"] for m in read_metrics(run / "metrics.jsonl")
              if m["kind"] == "train"][5:]
