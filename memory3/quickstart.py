@@ -83,7 +83,8 @@ def quickstart(out: str | Path = "quickstart", steps: int | None = None,
 
     _stage(6, f"continual training reading the bank (recipe {CONTINUAL})")
     recipe = Recipe.from_name(CONTINUAL).override(
-        [f"data.path={out / 'data_continual'}", f"continual.bank={out / 'bank'}", f"train.init_from={out / 'warmup'}"]
+        [f"data.path={out / 'data_continual'}", f"continual.bank={out / 'bank'}",
+         f"train.init_from={out / 'warmup'}"]
         + ([f"train.max_steps={continual_steps}"] if continual_steps else []))
     continual = train(recipe, out / "continual")
 
