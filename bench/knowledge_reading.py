@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memory3.config import Recipe  # noqa: E402
 from memory3.data import Tokenizer, prepare_data, train_tokenizer  # noqa: E402
 from memory3.eval.facts import FACT_DATA, fact_losses, write_facts  # noqa: E402
+from memory3.eval.perplexity import trained_with_memory  # noqa: E402
 from memory3.memory.bank import MemoryBank  # noqa: E402
 from memory3.memory.build import build_bank  # noqa: E402
 from memory3.train.checkpoint import load_model  # noqa: E402
@@ -59,8 +60,9 @@ def run_setting(out: Path, data: dict, tok, overrides: list[str], args) -> dict:
          "schedule.warmup_steps=20"]), run, progress=False)
     curve = {}
     for ckpt in sorted((run / "checkpoints").glob("step-*")):
-        model, _, info = load_model(ckpt)
-        curve[str(info["step"])] = fact_losses(model, bank, tok, data["heldout"])  # as in JSON
+        model, recipe, info = load_model(ckpt)
+        curve[str(info["step"])] = fact_losses(model, bank, tok, data["heldout"],  # as in JSON
+                                               reads_sink=trained_with_memory(recipe))
     # Every step has the same tokens, so 1 / tokens_per_s is proportional to its time.
     times = [1 / m["tokens_per_s"] for m in read_metrics(run / "metrics.jsonl")
              if m["kind"] == "train"][5:]

@@ -37,6 +37,13 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Previous-token shift: the first block's input at position j is embed(t_j) + g * embed(t_j-1),
+    # g a learnt per-channel gate starting at 0. One attention layer can then match "the token
+    # after an earlier occurrence of mine" (in-context copying, and copying from memories, whose
+    # keys carry it too) without first learning a previous-token head below an induction head:
+    # what small models trained on a CPU's token budget learn late or never (bench/RESULTS.md,
+    # token_shift). Not expressible as a Hugging Face Llama.
+    token_shift: bool = False
     # Which layers read explicit memories: "first_half", "middle_half", "all", "none",
     # or an explicit list of layer indices.
     memory_layers: str | list[int] = "first_half"
@@ -95,7 +102,8 @@ class ModelConfig:
         d, hd = self.d_model, self.head_dim
         attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
         mlp = 3 * d * self.d_mlp
-        return self.n_layers * (attn + mlp + 2 * d) + d  # + final norm
+        shift = d if self.token_shift else 0
+        return self.n_layers * (attn + mlp + 2 * d) + d + shift  # + final norm (+ shift gate)
 
     @property
     def n_params(self) -> int:

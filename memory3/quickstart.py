@@ -96,7 +96,7 @@ def quickstart(out: str | Path = "quickstart", steps: int | None = None,
                                max_sequences=EVAL_SEQUENCES)
     # The bank's memories were encoded by the warmup weights; continual training changed them.
     results = evaluate(model, tokenizer, sequences, EVAL_MODES, bank=bank, encode_now=True,
-                       progress=True)
+                       reads_sink=True, progress=True)
     (out / "eval.json").write_text(json.dumps(results, indent=1))
 
     _stage(8, "generation with memory: which references were read, chunk by chunk")

@@ -99,9 +99,13 @@ def slow_memory(model: Transformer, inputs: dict[int, torch.Tensor],
 
 # ---------------------------------------------------------------- selection
 
-@pytest.mark.parametrize("memory_layers", [[0, 1], [1, 3]], ids=["first", "skip-layer-0"])
-def test_selection_equals_slow_reference(memory_layers):
-    model = build(memory_layers=memory_layers)
+@pytest.mark.parametrize("memory_layers,shift", [([0, 1], False), ([1, 3], False), ([0, 1], True)],
+                         ids=["first", "skip-layer-0", "token-shift"])
+def test_selection_equals_slow_reference(memory_layers, shift):
+    model = build(memory_layers=memory_layers, token_shift=shift)
+    if shift:  # memories are selected from, and keep, what the model's own forward computes
+        with torch.no_grad():
+            model.shift.normal_(0, 1)
     refs = random_refs([30, 3, 12, 17], model.cfg.vocab_size)
     tokens, lengths = pack(refs)
     mem = MemoryEncoder(model).encode(tokens, lengths)

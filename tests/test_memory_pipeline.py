@@ -142,20 +142,49 @@ def test_continual_phase_trains_with_memories(continual_run, warm_run, tiny_data
         assert np.isfinite([with_memory, without]).all()
         assert r["val_memory_gain"] == pytest.approx(without - with_memory, abs=1e-9)
         assert abs(r["val_memory_gain"]) > 1e-5  # the memories are read
-    # "Without memory" is the plain model on the validation batches: the checkpoint reproduces it.
+    # "Without memory" is the model reading its sink alone, as wherever retrieval finds nothing,
+    # on the validation batches: the checkpoint reproduces it, and the plain forward differs.
     from memory3.data import TokenShards, iter_eval_batches
+    from memory3.memory.reading import sink_only
     model, _, _ = load_model(out)
-    total = count = 0.0
+    sink = MemoryEncoder(model).sink_kv()
+    total = plain = count = 0.0
     for x, y in iter_eval_batches(TokenShards(tiny_data, "valid"), recipe.data.seq_len,
                                   recipe.train.micro_batch_size, recipe.train.eval_batches):
+        alone = sink_only(sink, x.shape[0], -(-x.shape[1] // model.cfg.chunk_len), model.cfg)
         with torch.no_grad():
-            total += model(x, y).loss.item() * y.numel()
+            total += model(x, y, memory=alone).loss.item() * y.numel()
+            plain += model(x, y).loss.item() * y.numel()
         count += y.numel()
     assert total / count == pytest.approx(evals[-1]["val_loss_no_memory"], abs=1e-4)
+    assert abs(plain - total) / count > 1e-4
     # Warmup evaluations are as before: no memory, nothing to compare.
     warm_evals = [r for r in read_metrics(warm_run / "metrics.jsonl") if r["kind"] == "eval"]
     assert warm_evals and all(set(r) == {"kind", "step", "time", "val_loss", "val_ppl"}
                               for r in warm_evals)
+
+
+def test_eval_none_of_a_memory_model_is_memory_that_retrieves_nothing(continual_run, bank_dir,
+                                                                      world_files):
+    """`none` differs from `memory` by the references alone: for a model trained with memory it
+    is the forward of chunks whose retrieval found nothing (the sink, no references)."""
+    from memory3.eval.perplexity import evaluate, text_sequences, trained_with_memory
+    from memory3.memory.reading import chunk_memories
+    _, out, _ = continual_run
+    model, recipe, _ = load_model(out)
+    assert trained_with_memory(recipe)
+    tok, bank = load_tokenizer(out), MemoryBank.open(bank_dir)
+    seqs = text_sequences([world_files["heldout"]], tok, recipe.data.seq_len, max_sequences=4)
+    none = evaluate(model, tok, seqs, ["none"], reads_sink=True)["none"]["loss"]
+    plain = evaluate(model, tok, seqs, ["none"])["none"]["loss"]
+    x, y = seqs[:, :-1], seqs[:, 1:]
+    nothing = np.full((len(x), -(-x.shape[1] // model.cfg.chunk_len), 5), -1)
+    encoder = MemoryEncoder(model)
+    with torch.no_grad():
+        found_nothing = model(x, y, memory=chunk_memories(bank, nothing, encoder.sink_kv(),
+                                                          encoder=encoder)).loss.item()
+    assert none == pytest.approx(found_nothing, abs=1e-5)
+    assert abs(plain - none) > 1e-5
 
 
 def test_continual_training_trains_the_reference_bos_sink(continual_run, warm_run):

@@ -95,10 +95,19 @@ def test_causal_future_tokens_never_change_past_logits():
             assert not torch.allclose(out[:, j], base[:, j])  # the changed position does change
 
 
-@pytest.mark.parametrize("heads", [GQA, MHA], ids=["gqa", "mha"])
-def test_kv_cache_matches_full_forward(heads):
-    cfg = tiny(**heads)
-    model = build(cfg)
+def with_shift(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A token_shift model whose gate is not at its zero init, so the shift shows."""
+    model = build(cfg, seed)
+    with torch.no_grad():
+        model.shift.normal_(0, 1, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+@pytest.mark.parametrize("heads,shift", [(GQA, False), (MHA, False), (GQA, True)],
+                         ids=["gqa", "mha", "token-shift"])
+def test_kv_cache_matches_full_forward(heads, shift):
+    cfg = tiny(**heads, token_shift=shift)
+    model = with_shift(cfg) if shift else build(cfg)
     x = tokens(cfg, 2, 22)
     with torch.no_grad():
         full = model(x).logits
@@ -109,6 +118,24 @@ def test_kv_cache_matches_full_forward(heads):
         parts.append(model(x[:, 15:22], cache=cache).logits)      # chunk: explicit mask path
     assert cache.length == 22
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_token_shift_adds_the_gated_previous_embedding():
+    cfg = tiny(token_shift=True)
+    model = with_shift(cfg)
+    x = tokens(cfg, 2, 9)
+    e = model.embed.weight
+    expected = e[x].clone()
+    expected[:, 1:] += model.shift * e[x[:, :-1]]    # position 0 has no previous token
+    torch.testing.assert_close(model.embed_tokens(x), expected)
+    plain = build(tiny())
+    assert plain.shift is None and torch.equal(plain.embed_tokens(x), plain.embed.weight[x])
+    # A fresh model starts as the plain one: the gate is 0.
+    assert torch.equal(build(cfg).shift, torch.zeros(cfg.d_model))
+    with pytest.raises(ValueError, match="token_shift"):
+        to_llama_config(cfg)
+    with pytest.raises(ValueError, match="token_shift"):
+        to_llama_state_dict(model, cfg)
 
 
 def test_last_only_logits_and_cache_reset():
@@ -202,10 +229,11 @@ def test_tied_embeddings_share_storage():
     assert "embed.weight" in names and "lm_head.weight" not in names  # listed (and stepped) once
 
 
+@pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("preset", ["tiny", "mini", "small"])
-def test_param_counts_match_config(preset, tied):
-    cfg = ModelConfig.from_name(preset, tie_embeddings=tied)
+def test_param_counts_match_config(preset, tied, shift):
+    cfg = ModelConfig.from_name(preset, tie_embeddings=tied, token_shift=shift)
     with torch.device("meta"):
         model = Transformer(cfg)
     total = sum(p.numel() for p in model.parameters())  # shared parameters are listed once

@@ -48,14 +48,14 @@ def add_eval_parser(sub):
 
 
 def cmd_eval(args):
-    from memory3.eval.perplexity import evaluate, text_sequences
+    from memory3.eval.perplexity import evaluate, text_sequences, trained_with_memory
     model, recipe, tokenizer, bank = _load(args)
     seqs = text_sequences(args.data, tokenizer, args.seq_len or recipe.data.seq_len,
                           max_sequences=args.max_sequences, text_field=args.text_field)
     print(f"{len(seqs)} sequences of {seqs.shape[1] - 1} tokens from {', '.join(args.data)}")
     results = evaluate(model, tokenizer, seqs, args.modes.split(","), bank=bank,
                        batch_size=args.batch_size, encode_now=bool(args.bank and args.encode_now),
-                       progress=True)
+                       reads_sink=trained_with_memory(recipe), progress=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
         print(f"wrote {args.json}")

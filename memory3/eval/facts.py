@@ -60,14 +60,16 @@ def write_facts(out: str | Path, n_train: int = 3000, n_warm: int = 500, n_heldo
 
 
 @torch.no_grad()
-def fact_losses(model, bank, tokenizer, heldout: str | Path) -> dict[str, float]:
+def fact_losses(model, bank, tokenizer, heldout: str | Path, *,
+                reads_sink: bool = False) -> dict[str, float]:
     """Mean loss (nats) of the value after "=" (all its tokens, summed) in each document of
     `heldout`, without and with memory: causal retrieval by the previous chunk, the evaluation
     overlap filter, references encoded now by `model` (its weights may differ from those that
-    filled the bank). A model that knows only the format pays log(40) per value without memory."""
+    filled the bank). A model that knows only the format pays log(40) per value without memory.
+    reads_sink: the model was trained reading memory; `none` reads its sink alone (perplexity.py)."""
     from memory3.memory.encoder import MemoryEncoder
     from memory3.memory.overlap import EVAL_OVERLAP
-    from memory3.memory.reading import chunk_memories, retrieve_for_chunks
+    from memory3.memory.reading import chunk_memories, retrieve_for_chunks, sink_only
 
     model.eval()
     encoder = MemoryEncoder(model)
@@ -86,7 +88,8 @@ def fact_losses(model, bank, tokenizer, heldout: str | Path) -> dict[str, float]
         rows = retrieve_for_chunks(bank, tokenizer, x, chunk_len=L, k=M,
                                    overlap_threshold=EVAL_OVERLAP)
         memory = chunk_memories(bank, rows, sink, encoder=encoder)
-        for mode, m in (("none", None), ("memory", memory)):
+        alone = sink_only(sink, 1, memory.valid.shape[1], model.cfg) if reads_sink else None
+        for mode, m in (("none", alone), ("memory", memory)):
             logits = model(x, memory=m).logits[0, at:end].float()
             losses[mode].append(F.cross_entropy(logits, y[0, at:end], reduction="sum").item())
     return {mode: sum(v) / len(v) for mode, v in losses.items()}

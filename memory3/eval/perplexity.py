@@ -1,7 +1,9 @@
 """Perplexity of held-out text without memory, with memory, and with the same references as text.
 
 Modes (all score exactly the same target tokens of the same sequences):
-  none     the model alone.
+  none     the model alone: no references. A model trained with memory (`reads_sink`) reads its
+           reference-BOS sink alone, as it does wherever retrieval finds nothing, so that none
+           and memory differ only by the references read (reading.sink_only).
   memory   each chunk reads the memories of the references retrieved with the previous chunk's
            text (causal retrieval, SPEC 1b); references overlapping the evaluated sequence by more
            than 2/3 are skipped. The headline number.
@@ -26,7 +28,7 @@ from memory3.data.text import ReadStats
 from memory3.memory.encoder import MemoryEncoder
 from memory3.memory.overlap import EVAL_OVERLAP
 from memory3.generate import rag_inputs, rag_references
-from memory3.memory.reading import chunk_memories, retrieve_for_chunks
+from memory3.memory.reading import chunk_memories, retrieve_for_chunks, sink_only
 from memory3.model import Transformer
 
 MODES = ("none", "memory", "rag", "memory_own_chunk")
@@ -55,9 +57,12 @@ def text_sequences(paths: Sequence[str | Path], tokenizer: Tokenizer, seq_len: i
 @torch.no_grad()
 def evaluate(model: Transformer, tokenizer: Tokenizer, sequences: torch.Tensor,
              modes: Sequence[str] = ("none",), *, bank=None, batch_size: int = 8,
-             encode_now: bool = False, progress: bool = False) -> dict[str, dict]:
+             encode_now: bool = False, reads_sink: bool = False,
+             progress: bool = False) -> dict[str, dict]:
     """{mode: {perplexity, loss, tokens, tokens_per_s, seconds}} for sequences (N, T + 1).
 
+    reads_sink: the model was trained reading memory (a continual checkpoint; `trained_with_memory`):
+    mode none reads the sink alone.
     encode_now: encode retrieved references with this model instead of reading the bank's
     memories (needed when the bank was filled by other weights: its memories would be stale).
     """
@@ -76,7 +81,10 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, sequences: torch.Tensor,
             batch = sequences[i:i + batch_size]
             x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
             if mode == "none":
-                loss_sum = _nll(model(x).logits, y)
+                memory = (sink_only(MemoryEncoder(model).sink_kv(), x.shape[0],
+                                    -(-x.shape[1] // model.cfg.chunk_len), model.cfg)
+                          if reads_sink else None)
+                loss_sum = _nll(model(x, memory=memory).logits, y)
             elif mode == "rag":
                 loss_sum = _rag_nll(model, bank, tokenizer, x, y)
             else:
@@ -93,6 +101,11 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, sequences: torch.Tensor,
             print(f"{mode:>17}: perplexity {results[mode]['perplexity']:.3f}  "
                   f"({results[mode]['tokens_per_s']:.0f} tokens/s)", flush=True)
     return results
+
+
+def trained_with_memory(recipe) -> bool:
+    """Whether a checkpoint's model was trained reading memories, and so reads its sink always."""
+    return recipe.phase == "continual"
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:

@@ -230,7 +230,7 @@ class MemoryEncoder:
         """
         wanted = set(layer_ids)
         last = max(wanted)
-        x = self.model.embed(tokens)
+        x = self.model.embed_tokens(tokens)
         N, L, _ = x.shape
         for i, block in enumerate(self.model.blocks[:last + 1]):
             if i not in wanted:

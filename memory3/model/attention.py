@@ -30,6 +30,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len, self.memory_slots = max_len, memory_slots
         self.length = 0  # positions filled so far, advanced by the model after all layers ran
+        self.previous: torch.Tensor | None = None  # (B,) the last token fed (model.token_shift)
         # Per layer: slots held in front of the context, and (B, n) validity when the rows of
         # the batch hold different numbers (None: all n are valid in every row).
         self.held = [0] * cfg.n_layers
@@ -39,7 +40,7 @@ class KVCache:
 
     def reset(self):
         """Forget everything: the next forward starts again at position 0."""
-        self.length = 0
+        self.length, self.previous = 0, None
         self.held_key, self.reading = None, False
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):

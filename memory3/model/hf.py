@@ -35,7 +35,7 @@ def to_llama_config(cfg: ModelConfig, **overrides: Any):
     """
     from transformers import LlamaConfig
 
-    cfg.validate()
+    _check_convertible(cfg.validate())
     kwargs: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
@@ -60,6 +60,12 @@ def to_llama_config(cfg: ModelConfig, **overrides: Any):
     return LlamaConfig(**kwargs)
 
 
+def _check_convertible(cfg: ModelConfig) -> None:
+    if cfg.token_shift:
+        raise ValueError("model.token_shift has no Hugging Face Llama equivalent: a model with it "
+                         "cannot be converted")
+
+
 def _state_dict(model_or_state_dict) -> dict[str, torch.Tensor]:
     if isinstance(model_or_state_dict, nn.Module):
         return model_or_state_dict.state_dict()
@@ -73,6 +79,7 @@ def to_llama_state_dict(model_or_state_dict, cfg: ModelConfig) -> dict[str, torc
     if either side will be modified in place. With tied embeddings `lm_head.weight` is the same
     tensor as `model.embed_tokens.weight`, as in HF's own state dict.
     """
+    _check_convertible(cfg)
     sd = _state_dict(model_or_state_dict)
     q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}

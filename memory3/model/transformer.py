@@ -45,6 +45,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.shift = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.token_shift else None
         # fp32 rotary tables, built on first use on the device that needs them. Deliberately not
         # buffers: `.to(bf16)` (DeepSpeed's bf16 mode) would round them for good, and a model built
         # on the meta device and materialised with `to_empty` would get uninitialised tables.
@@ -67,7 +68,9 @@ class Transformer(nn.Module):
         # does not grow with the number of layers.
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name == "shift":
+                nn.init.zeros_(p)  # starts as the plain model and learns how much to shift
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("wo.weight", "w_down.weight")):
                 nn.init.normal_(p, 0.0, out_std)
@@ -91,7 +94,9 @@ class Transformer(nn.Module):
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len "
                              f"{self.cfg.max_seq_len}")
-        x = self.embed(tokens)
+        x = self.embed_tokens(tokens, cache.previous if cache is not None and start else None)
+        if cache is not None:
+            cache.previous = tokens[:, -1]
         cos, sin = self.rotary(start, T, x.device, x.dtype)
         held = cache is not None and memory is not None and self._hold(memory, cache, start, T)
         if cache is not None:
@@ -111,6 +116,18 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                    ignore_index=IGNORE_INDEX)
         return ModelOutput(logits, loss)
+
+    def embed_tokens(self, tokens: torch.Tensor, previous: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """The first block's input for tokens (B, T); previous (B,) is the token before
+        tokens[:, 0] when they continue a sequence (decoding), else position 0 has none."""
+        x = self.embed(tokens)
+        if self.shift is None:
+            return x
+        before = self.embed(tokens[:, :-1])
+        first = (self.embed(previous)[:, None] if previous is not None
+                 else x.new_zeros(x.shape[0], 1, x.shape[2]))
+        return x + self.shift * torch.cat([first, before], dim=1)
 
     def _hold(self, memory: ChunkMemories, cache: KVCache, start: int, T: int) -> bool:
         """Keep the memory block of the queries' chunk in the cache's slots (attention.py),

@@ -24,7 +24,7 @@ from memory3.memory.bank import MemoryBank
 from memory3.memory.encoder import EncodedMemories, MemoryEncoder
 from memory3.memory.overlap import EVAL_OVERLAP, exceeding
 from memory3.memory.reading import (chunk_texts, encode_distinct, read_distinct,
-                                    retrieve_for_chunks)
+                                    retrieve_for_chunks, sink_only)
 from memory3.model import ModelOutput
 from memory3.train.phases import Batch, WarmupPhase
 
@@ -96,9 +96,13 @@ class ContinualPhase(WarmupPhase):
     eval_names = ("val_loss", "val_loss_no_memory")
 
     def eval_losses(self, engine, batch: Batch) -> tuple[torch.Tensor, ...]:
-        # The same batches without memory: whether reading memory pays shows while training runs.
+        # The same batches without references (the sink alone, reading.sink_only): whether
+        # reading memory pays shows while training runs.
+        x = batch["inputs"]
+        alone = sink_only(MemoryEncoder(engine.module).sink_kv(), x.shape[0],
+                          -(-x.shape[1] // self.recipe.model.chunk_len), self.recipe.model)
         return (self.forward(engine, batch).loss,
-                engine(batch["inputs"], batch["targets"]).loss)
+                engine(x, batch["targets"], memory=alone).loss)
 
     def eval_batches(self):
         cfg = self.recipe.model
