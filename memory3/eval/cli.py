@@ -43,6 +43,10 @@ def add_eval_parser(sub):
     p.add_argument("--max-sequences", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--text-field", default="text")
+    p.add_argument("--copy-probe", type=int, default=0, metavar="LENGTH",
+                   help="also run the copy probe (eval/copying.py) on the first LENGTH tokens of "
+                        "up to 64 documents of --data, each fed twice: loss on the second copy "
+                        "vs the first (whether the model uses its context at all)")
     p.add_argument("--json", help="write the results here")
     p.set_defaults(func=cmd_eval)
 
@@ -56,6 +60,19 @@ def cmd_eval(args):
     results = evaluate(model, tokenizer, seqs, args.modes.split(","), bank=bank,
                        batch_size=args.batch_size, encode_now=bool(args.bank and args.encode_now),
                        reads_sink=trained_with_memory(recipe), progress=True)
+    if args.copy_probe:
+        from memory3.data import iter_documents
+        from memory3.eval.copying import copy_probe, document_spans
+        docs = (tokenizer.encode(d.text) for d in iter_documents(args.data,
+                                                                  text_field=args.text_field))
+        spans = document_spans(docs, args.copy_probe, max_spans=64)
+        if not spans:
+            raise SystemExit(f"--copy-probe: no document of {', '.join(args.data)} has "
+                             f"{args.copy_probe} tokens")
+        results["copy_probe"] = probe = copy_probe(model, spans, tokenizer.bos_id)
+        print(f"copy probe ({probe['spans']} spans of {probe['length']} tokens): loss "
+              f"{probe['first_copy_loss']:.3f} on the first copy, {probe['second_copy_loss']:.3f} "
+              f"on the second (ratio {probe['ratio']:.3f})")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
         print(f"wrote {args.json}")
