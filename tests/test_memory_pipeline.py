@@ -108,8 +108,11 @@ def test_eval_modes_score_the_same_tokens(warm_run, bank_dir, world_files, tmp_p
     from conftest import run_memory3
     out = tmp_path / "eval.json"
     run_memory3("eval", "--checkpoint", str(warm_run), "--bank", str(bank_dir), "--data",
-                str(world_files["heldout"]), "--max-sequences", "3", "--json", str(out))
+                str(world_files["heldout"]), "--max-sequences", "3", "--copy-probe", "32",
+                "--json", str(out))
     results = json.loads(out.read_text())
+    probe = results.pop("copy_probe")
+    assert probe["length"] == 32 and probe["spans"] > 0 and probe["ratio"] > 0
     assert set(results) == {"none", "memory", "rag"}
     assert len({r["tokens"] for r in results.values()}) == 1
     for r in results.values():

@@ -49,10 +49,12 @@ def copy_probe(model, spans: Sequence[Sequence[int]], bos_id: int, *,
 def document_spans(token_lists, length: int, max_spans: int) -> list[list[int]]:
     """The first `length` tokens of each document long enough, up to max_spans of them (reads
     token_lists, which may be a generator, only as far as it needs)."""
-    spans = []
+    spans: list[list[int]] = []
+    if max_spans <= 0:
+        return spans
     for ids in token_lists:
-        if len(spans) == max_spans:
-            break
         if len(ids) >= length:
             spans.append(list(ids[:length]))
+            if len(spans) == max_spans:
+                break
     return spans
