@@ -27,6 +27,7 @@ from memory3.config import ModelConfig  # noqa: E402
 from memory3.data import Tokenizer, train_tokenizer  # noqa: E402
 from memory3.eval.copying import copy_probe, document_spans  # noqa: E402
 from memory3.model import Transformer  # noqa: E402
+from memory3.train.trainer import param_groups  # noqa: E402  (norms and the gate: no decay)
 
 MAX_FILE_CHARS = 200_000  # a few generated giants (tables, vendored blobs) would dominate
 
@@ -111,8 +112,7 @@ def main():
                           token_shift=side == "shift")
         torch.manual_seed(0)
         model = Transformer(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
-                                weight_decay=0.1)
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.95))
         curve, start = [], time.time()
         for step in range(steps):
             for g in opt.param_groups:

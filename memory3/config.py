@@ -40,9 +40,9 @@ class ModelConfig:
     # Previous-token shift: the first block's input at position j is embed(t_j) + g * embed(t_j-1),
     # g a learnt per-channel gate starting at 0. One attention layer can then match "the token
     # after an earlier occurrence of mine" (in-context copying, and copying from memories, whose
-    # keys carry it too) without first learning a previous-token head below an induction head:
-    # what small models trained on a CPU's token budget learn late or never (bench/RESULTS.md,
-    # token_shift). Not expressible as a Hugging Face Llama.
+    # keys carry it too) without first learning a previous-token head below an induction head
+    # (bench/RESULTS.md, token_shift: decisive for one layer; on real code at two layers it lowers
+    # the loss but brings copying no sooner). Not expressible as a Hugging Face Llama.
     token_shift: bool = False
     # Which layers read explicit memories: "first_half", "middle_half", "all", "none",
     # or an explicit list of layer indices.

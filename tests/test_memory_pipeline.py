@@ -154,7 +154,7 @@ def test_continual_phase_trains_with_memories(continual_run, warm_run, tiny_data
     total = plain = count = 0.0
     for x, y in iter_eval_batches(TokenShards(tiny_data, "valid"), recipe.data.seq_len,
                                   recipe.train.micro_batch_size, recipe.train.eval_batches):
-        alone = sink_only(sink, x.shape[0], -(-x.shape[1] // model.cfg.chunk_len), model.cfg)
+        alone = sink_only(sink, x, model.cfg)
         with torch.no_grad():
             total += model(x, y, memory=alone).loss.item() * y.numel()
             plain += model(x, y).loss.item() * y.numel()

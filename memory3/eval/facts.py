@@ -88,7 +88,7 @@ def fact_losses(model, bank, tokenizer, heldout: str | Path, *,
         rows = retrieve_for_chunks(bank, tokenizer, x, chunk_len=L, k=M,
                                    overlap_threshold=EVAL_OVERLAP)
         memory = chunk_memories(bank, rows, sink, encoder=encoder)
-        alone = sink_only(sink, 1, memory.valid.shape[1], model.cfg) if reads_sink else None
+        alone = sink_only(sink, x, model.cfg) if reads_sink else None
         for mode, m in (("none", alone), ("memory", memory)):
             logits = model(x, memory=m).logits[0, at:end].float()
             losses[mode].append(F.cross_entropy(logits, y[0, at:end], reduction="sum").item())

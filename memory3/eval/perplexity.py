@@ -61,8 +61,8 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, sequences: torch.Tensor,
              progress: bool = False) -> dict[str, dict]:
     """{mode: {perplexity, loss, tokens, tokens_per_s, seconds}} for sequences (N, T + 1).
 
-    reads_sink: the model was trained reading memory (a continual checkpoint; `trained_with_memory`):
-    mode none reads the sink alone.
+    reads_sink: the model was trained reading memory (a continual checkpoint, see
+    `trained_with_memory`): mode none reads the sink alone.
     encode_now: encode retrieved references with this model instead of reading the bank's
     memories (needed when the bank was filled by other weights: its memories would be stale).
     """
@@ -73,6 +73,7 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, sequences: torch.Tensor,
         raise ValueError(f"modes {sorted(set(modes) - {'none'})} need a memory bank")
     model.eval()
     device = model.embed.weight.device
+    sink = MemoryEncoder(model).sink_kv() if reads_sink else None
     results = {}
     for mode in modes:
         start = time.perf_counter()
@@ -81,10 +82,8 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, sequences: torch.Tensor,
             batch = sequences[i:i + batch_size]
             x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
             if mode == "none":
-                memory = (sink_only(MemoryEncoder(model).sink_kv(), x.shape[0],
-                                    -(-x.shape[1] // model.cfg.chunk_len), model.cfg)
-                          if reads_sink else None)
-                loss_sum = _nll(model(x, memory=memory).logits, y)
+                alone = None if sink is None else sink_only(sink, x, model.cfg)
+                loss_sum = _nll(model(x, memory=alone).logits, y)
             elif mode == "rag":
                 loss_sum = _rag_nll(model, bank, tokenizer, x, y)
             else:

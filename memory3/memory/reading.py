@@ -126,16 +126,18 @@ def read_distinct(memories: EncodedMemories, index: np.ndarray, sink: torch.Tens
                          first_chunk=first_chunk)
 
 
-def sink_only(sink: torch.Tensor, batch: int, n_chunks: int, cfg) -> ChunkMemories:
-    """What every chunk reads when retrieval finds nothing: the reference-BOS sink alone.
+def sink_only(sink: torch.Tensor, tokens: torch.Tensor, cfg) -> ChunkMemories:
+    """What every chunk of tokens (B, T) reads when retrieval finds nothing: the reference-BOS
+    sink alone.
 
     A model trained with memory reads the sink in every layer of every forward, so this, not
     `memory=None`, is that model without memory: scoring it without the sink puts it off the
     distribution it was trained on and credits the sink to the references (bench/RESULTS.md,
     quickstart: a memory/none of 0.954 was 0.998 against the sink alone)."""
+    B, C = tokens.shape[0], -(-tokens.shape[1] // cfg.chunk_len)
     G, K, D = cfg.n_kv_heads, cfg.memory_top_k, cfg.head_dim
-    kv = sink.new_zeros(batch, n_chunks, 0, len(cfg.memory_layer_ids), 2, G, K, D)
-    valid = torch.zeros(batch, n_chunks, 0, K, dtype=torch.bool, device=sink.device)
+    kv = sink.new_zeros(B, C, 0, len(cfg.memory_layer_ids), 2, G, K, D)
+    valid = torch.zeros(B, C, 0, K, dtype=torch.bool, device=sink.device)
     return ChunkMemories(kv=kv, valid=valid, sink=sink)
 
 

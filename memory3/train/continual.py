@@ -99,8 +99,7 @@ class ContinualPhase(WarmupPhase):
         # The same batches without references (the sink alone, reading.sink_only): whether
         # reading memory pays shows while training runs.
         x = batch["inputs"]
-        alone = sink_only(MemoryEncoder(engine.module).sink_kv(), x.shape[0],
-                          -(-x.shape[1] // self.recipe.model.chunk_len), self.recipe.model)
+        alone = sink_only(MemoryEncoder(engine.module).sink_kv(), x, self.recipe.model)
         return (self.forward(engine, batch).loss,
                 engine(x, batch["targets"], memory=alone).loss)
 
