@@ -107,8 +107,8 @@ def main():
     results = {}
     for side in args.sides.split(","):
         cfg = ModelConfig(name=f"copy-{side}", vocab_size=tok.vocab_size, n_layers=args.layers,
-                          d_model=args.d_model, n_heads=args.d_model // 32, n_kv_heads=args.d_model // 32,
-                          head_dim=32, d_mlp=2 * args.d_model, max_seq_len=args.seq_len,
+                          d_model=args.d_model, n_heads=args.d_model // 32,
+                          n_kv_heads=args.d_model // 32, head_dim=32, d_mlp=2 * args.d_model, max_seq_len=args.seq_len,
                           token_shift=side == "shift")
         torch.manual_seed(0)
         model = Transformer(cfg)

@@ -44,7 +44,7 @@ def _prompt(heldout: Path) -> str:
 
 def quickstart(out: str | Path = "quickstart", steps: int | None = None,
                continual_steps: int | None = None) -> dict:
-    from memory3.eval.perplexity import evaluate, text_sequences
+    from memory3.eval.perplexity import evaluate, text_sequences, trained_with_memory
     from memory3.generate import generate
     from memory3.memory.bank import MemoryBank
     from memory3.memory.build import build_bank
@@ -96,7 +96,7 @@ def quickstart(out: str | Path = "quickstart", steps: int | None = None,
                                max_sequences=EVAL_SEQUENCES)
     # The bank's memories were encoded by the warmup weights; continual training changed them.
     results = evaluate(model, tokenizer, sequences, EVAL_MODES, bank=bank, encode_now=True,
-                       reads_sink=True, progress=True)
+                       reads_sink=trained_with_memory(recipe), progress=True)
     (out / "eval.json").write_text(json.dumps(results, indent=1))
 
     _stage(8, "generation with memory: which references were read, chunk by chunk")

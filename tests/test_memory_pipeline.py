@@ -181,7 +181,8 @@ def test_eval_none_of_a_memory_model_is_memory_that_retrieves_nothing(continual_
     none = evaluate(model, tok, seqs, ["none"], reads_sink=True)["none"]["loss"]
     plain = evaluate(model, tok, seqs, ["none"])["none"]["loss"]
     x, y = seqs[:, :-1], seqs[:, 1:]
-    nothing = np.full((len(x), -(-x.shape[1] // model.cfg.chunk_len), 5), -1)
+    cfg = model.cfg
+    nothing = np.full((len(x), -(-x.shape[1] // cfg.chunk_len), cfg.memories_per_chunk), -1)
     encoder = MemoryEncoder(model)
     with torch.no_grad():
         found_nothing = model(x, y, memory=chunk_memories(bank, nothing, encoder.sink_kv(),

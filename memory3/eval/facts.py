@@ -66,7 +66,8 @@ def fact_losses(model, bank, tokenizer, heldout: str | Path, *,
     `heldout`, without and with memory: causal retrieval by the previous chunk, the evaluation
     overlap filter, references encoded now by `model` (its weights may differ from those that
     filled the bank). A model that knows only the format pays log(40) per value without memory.
-    reads_sink: the model was trained reading memory; `none` reads its sink alone (perplexity.py)."""
+    reads_sink: the model was trained reading memory; `none` reads its sink alone
+    (perplexity.py)."""
     from memory3.memory.encoder import MemoryEncoder
     from memory3.memory.overlap import EVAL_OVERLAP
     from memory3.memory.reading import chunk_memories, retrieve_for_chunks, sink_only
