@@ -7,6 +7,7 @@ median training step time relative to the first setting.
 
   --study format       the shipped memory format against one change at a time (issue 11)
   --study encode_grad  continual.encode_grad = none, kv and full, in the shipped format
+  --study shape        the tiny shape against the mini shape's depth and width (issue 11)
 
     python bench/knowledge_reading.py --study format --out bench_runs/knowledge-format
 """
@@ -38,6 +39,16 @@ STUDIES = {
         "top_k_24": ["model.memory_top_k=24"],
         "chunk_16": ["model.chunk_len=16"],
         "5_from_previous": ["continual.new_per_chunk=5", "continual.previous_chunks=1"],
+    },
+    # Which part of the mini shape (4 layers, d_model 128) slows learning to read (issue 11).
+    "shape": {
+        "tiny": [],
+        "tiny_4_layers": ["model.n_layers=4"],
+        "wide_2_layers": ["model.d_model=128", "model.head_dim=32", "model.d_mlp=384"],
+        "mini_shape": ["model.n_layers=4", "model.d_model=128", "model.head_dim=32",
+                       "model.d_mlp=384"],
+        "head_dim_32": ["model.head_dim=32"],
+        "d_model_128": ["model.d_model=128", "model.d_mlp=384"],
     },
     "encode_grad": {mode: [f"continual.encode_grad={mode}"] for mode in ("none", "kv", "full")},
 }
