@@ -85,9 +85,11 @@ def test_bf16_bytes_per_memory_at_the_2_4b_shape_is_exact(tmp_path, references):
     bank.add(references[:3], memories, "random")
     stats = bank.stats()
     assert stats["kv_bytes_per_memory"] == 450_560
-    assert stats["record_bytes_per_memory"] == 450_560 + 22 * 8 * 8 + 32  # positions + record
+    # + positions, the record and its checksums
+    assert stats["record_bytes_per_memory"] == 450_560 + 22 * 8 * 8 + 32 + 12
     segment = bank.manifest["segments"][0]
     assert segment["files"]["kv"]["bytes"] == 3 * 450_560
+    assert segment["files"]["memsum"]["bytes"] == 3 * 12
     assert (tmp_path / "bank" / "shards" / f"{segment['name']}.kv").stat().st_size == 3 * 450_560
     bank.close()
     # bf16 storage is exact for bf16 input: the bits come back.
@@ -336,20 +338,63 @@ def test_sentence_transformer_embedder_from_a_local_model(tmp_path, references):
 
 # -- damage and its detection ----------------------------------------------------------------
 
-def test_corrupted_or_truncated_shard_is_detected_on_open(tmp_path, references, encoder):
+def flip_byte(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_or_truncated_shard_is_detected_on_open_or_read(tmp_path, references, encoder):
     bank = MemoryBank.create(tmp_path / "bank", TINY)
     bank.add(references[:4], encode(encoder, references[:4]), "tiny")
+    kv_bytes = bank.store.kv_bytes
     bank.close()
     kv = tmp_path / "bank" / "shards" / "w-000000.kv"
-    data = bytearray(kv.read_bytes())
-    data[100] ^= 0xFF
-    kv.write_bytes(bytes(data))
+    flip_byte(kv, kv_bytes + 100)  # inside memory record 1
     with pytest.raises(BankError, match=r"w-000000\.kv does not match its sha256"):
         MemoryBank.open(tmp_path / "bank")
-    MemoryBank.open(tmp_path / "bank", verify="size")  # sizes alone cannot see a flipped byte
-    kv.write_bytes(bytes(data[:-10]))
+    # Sizes alone cannot see a flipped byte, so every read checks the records it touches.
+    bank = MemoryBank.open(tmp_path / "bank", verify="size")
+    bank.memories(np.array([[0, 2, 3]]))  # intact records read as ever
+    with pytest.raises(BankError, match=r"w-000000\.kv: memory record 1 does not match its "
+                                        r"checksum in .*w-000000\.memsum"):
+        bank.memories(np.array([[0, 1]]))
+    bank.close()
+    kv.write_bytes(kv.read_bytes()[:-10])
     with pytest.raises(BankError, match=r"w-000000\.kv has \d+ bytes, the manifest says"):
         MemoryBank.open(tmp_path / "bank", verify="size")
+    kv.write_bytes(b"")
+    with pytest.raises(BankError, match=r"w-000000\.kv has 0 bytes, the manifest says"):
+        MemoryBank.open(tmp_path / "bank", verify="size")
+
+
+@pytest.mark.parametrize("kind, offset", [("refs.jsonl", 40), ("emb", 7), ("pos", 3),
+                                          ("rec", 0)])
+def test_every_damaged_record_is_refused_when_read_and_listed_by_bank_verify(
+        tmp_path, references, encoder, kind, offset, capsys):
+    from memory3.cli import main
+
+    bank = MemoryBank.create(tmp_path / "bank", TINY)
+    bank.add(references[:4], encode(encoder, references[:4]), "tiny")
+    bank.commit()
+    bank.close()
+    main(["bank", "verify", str(tmp_path / "bank")])
+    assert ": OK (8 files, 4 rows, 4 memory records)" in capsys.readouterr().out
+    flip_byte(tmp_path / "bank" / "shards" / f"w-000000.{kind}", offset)
+
+    def read_everything():
+        bank = MemoryBank.open(tmp_path / "bank", verify="size", rebuild_index=kind == "emb")
+        bank.references(range(4))
+        bank.memories(np.arange(4)[None])
+    with pytest.raises(BankError, match=rf"w-000000\.{kind}: (memory record|row) 0 does not "
+                                        rf"match its checksum"):
+        read_everything()
+    with pytest.raises(SystemExit) as damaged:
+        main(["bank", "verify", str(tmp_path / "bank")])
+    out = capsys.readouterr().out
+    assert damaged.value.code == 1
+    assert "DAMAGED" in out and f"w-000000.{kind} does not match its sha256" in out
+    assert f"w-000000.{kind}: 1 " in out  # and which records
 
 
 def test_missing_index_is_an_error_and_can_be_rebuilt(tmp_path, references):
@@ -380,7 +425,7 @@ def test_uncommitted_segment_of_a_killed_writer_is_ignored_and_removed(tmp_path,
     assert len(bank) == 5
     bank.add(references[5:7])  # the next writer cleans up and reuses the name
     assert len(bank) == 7 and bank.manifest["segments"][-1]["rows"] == 2
-    assert len(list((tmp_path / "bank" / "shards").glob(f"{entry['name']}.*"))) == 3
+    assert len(list((tmp_path / "bank" / "shards").glob(f"{entry['name']}.*"))) == 4  # ROW_FILES
     with pytest.raises(BankError, match="locked: another process is writing"):
         MemoryBank.open(tmp_path / "bank").add(references[7:8])
 

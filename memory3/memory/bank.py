@@ -157,7 +157,8 @@ class MemoryBank:
     def open(cls, path: str | Path, *, embedder: Embedder | None = None, verify: str = "full",
              rebuild_index: bool = False, cache_size: int = 4096,
              flush_every: int = 256, shard_dir: str | Path | None = None) -> "MemoryBank":
-        """Open a committed bank, checking its files (verify="full": sha256; "size": sizes only).
+        """Open a committed bank, checking its files (verify="full": sha256; "size": sizes only,
+        then each row and memory against its checksum when it is read; store.py).
 
         `embedder` defaults to the one recorded in the bank; another one must have the same spec.
         A missing or corrupt index is an error unless rebuild_index=True, which rebuilds it from
@@ -165,8 +166,9 @@ class MemoryBank:
         """
         store = MemoryStore.open(path, verify=verify)
         manifest = store.manifest
+        # Codec files are small and decode every memory: always hashed whole.
         codec = load_codec(store.path, store.layout, manifest["storage"],
-                           manifest["model"]["rope_theta"], verify == "full")
+                           manifest["model"]["rope_theta"], verify=True)
         if embedder is None:
             embedder = embedder_from_spec(manifest["embedder"])
         else:
@@ -592,7 +594,8 @@ class MemoryBank:
         out = {"rows": len(self), "memories": int((encoders >= 0).sum()),
                "cold": int((encoders < 0).sum()), "memory_records": self.store.n_memory_records,
                "kv_bytes_per_memory": kv_bytes,
-               "record_bytes_per_memory": kv_bytes + self.layout.positions_bytes + 32,
+               # + the .rec record (32 bytes) and its .memsum checksums (12 bytes)
+               "record_bytes_per_memory": kv_bytes + self.layout.positions_bytes + 32 + 12,
                "codec": self.manifest["storage"]["codec"],
                "dtype": self.manifest["storage"]["dtype"],
                "embedder": {k: self.manifest["embedder"][k] for k in ("name", "params", "dim")},

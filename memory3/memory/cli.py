@@ -1,4 +1,4 @@
-"""`memory3 build-bank`: the subcommand's parser and its command (wired into memory3.cli).
+"""`memory3 build-bank` and `memory3 bank verify`: parsers and commands (wired into memory3.cli).
 
 Also runnable alone: `python -m memory3.memory.cli --checkpoint ... --knowledge ... --out ...`.
 """
@@ -22,6 +22,32 @@ def add_build_bank_parser(subparsers) -> argparse.ArgumentParser:
     _add_arguments(p)
     p.set_defaults(func=cmd_build_bank)
     return p
+
+
+def add_bank_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bank", help="inspect a memory bank")
+    actions = p.add_subparsers(dest="action", required=True)
+    v = actions.add_parser(
+        "verify", help="check every file and record of a bank (exit status 1 if any is damaged)",
+        description="Hash every file against the manifest, check every reference row and memory "
+                    "against its checksum, the codec and the index; list every problem found.")
+    v.add_argument("bank", help="bank folder")
+    v.set_defaults(func=cmd_bank_verify)
+    return p
+
+
+def cmd_bank_verify(args: argparse.Namespace) -> None:
+    from memory3.memory.verify import verify_bank
+
+    problems, counts = verify_bank(args.bank)
+    checked = (f"{counts['files']} files, {counts['rows']:,} rows, "
+               f"{counts['memories']:,} memory records")
+    if problems:
+        print(f"{args.bank}: DAMAGED ({len(problems)} problem(s); checked {checked})")
+        for problem in problems:
+            print(f"  {problem}")
+        sys.exit(1)
+    print(f"{args.bank}: OK ({checked})")
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:

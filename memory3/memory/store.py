@@ -14,6 +14,15 @@ Layout of a bank folder:
       .kv           memories: uint8 (memories, kv_bytes) - bf16 bit patterns, or codec codes
       .pos          memories: (memories, memory layers, KV heads, top-k) token positions, 0 = empty
       .rec          memories: per record (row, encoder index, reference key)
+      .rowsum       rows: uint32 CRC32 of each row's refs line, key and embedding
+      .memsum       memories: uint32 CRC32 of each memory's kv codes, positions and record
+
+Checks on read (issue 14): sizes are checked on every open and the sha256 of every file by
+verify="full" (or `memory3 bank verify`, which also checks every record). Hashing terabytes on
+each open is no answer, so every read of a row or a memory checks its CRC32s instead: a flipped
+byte stops the reader with an error naming the file and the record, never reaches a model. The
+small .rec files are read whole on open and checked there. (Banks written before the .rowsum and
+.memsum files existed are read without per-record checks.)
 
 A segment may carry new rows, memories, or both. Row ids are global and dense: a segment's rows
 are `row_base .. row_base + rows - 1`, in manifest order. A memory record names its row as
@@ -39,6 +48,7 @@ import fcntl
 import hashlib
 import json
 import re
+import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,10 +65,11 @@ SHARDS_DIR = "shards"
 FORMAT = "memory3-memory-bank"
 VERSION = 1
 KEY_BYTES = 20  # sha1
-ROW_FILES = ("refs.jsonl", "keys", "emb")
-MEMORY_FILES = ("kv", "pos", "rec")
+ROW_FILES = ("refs.jsonl", "keys", "emb", "rowsum")
+MEMORY_FILES = ("kv", "pos", "rec", "memsum")
 SEGMENT_NAME = re.compile(r"[A-Za-z0-9]+-\d{6}")
-SEGMENT_FILE = re.compile(r"[A-Za-z0-9]+-\d{6}\.(refs\.jsonl|keys|emb|kv|pos|rec)(\.tmp)?")
+SEGMENT_FILE = re.compile(
+    r"[A-Za-z0-9]+-\d{6}\.(refs\.jsonl|keys|emb|kv|pos|rec|rowsum|memsum)(\.tmp)?")
 INDEX_FILE = re.compile(r"index-\d{12}\.faiss")
 RECORD_DTYPE = np.dtype([("row", "<i8"), ("encoder", "<i4"), ("key", "u1", (KEY_BYTES,))])
 EMBEDDING_DTYPE = np.dtype("<f2")
@@ -114,6 +125,19 @@ class MemoryLayout:
 
 def key_bytes(key: str) -> bytes:
     return bytes.fromhex(key)
+
+
+def crc_rows(*parts: np.ndarray | list[bytes]) -> np.ndarray:
+    """uint32 (n,): CRC32 of each record, the concatenation of its row in every part (arrays
+    with one row per record, or lists of byte strings)."""
+    n = len(parts[0])
+    out = np.empty(n, dtype="<u4")
+    for i in range(n):
+        crc = 0
+        for part in parts:
+            crc = zlib.crc32(part[i] if isinstance(part, list) else part[i].tobytes(), crc)
+        out[i] = crc
+    return out
 
 
 class _Growing:
@@ -175,14 +199,60 @@ class _Segment:
         if self._line_offsets is None:
             data = np.fromfile(path, dtype=np.uint8)
             ends = np.flatnonzero(data == ord("\n")) + 1
+            if len(ends) != self.entry["rows"]:
+                raise BankError(f"{path} has {len(ends)} lines, the manifest says "
+                                f"{self.entry['rows']} rows: it is corrupt")
             self._line_offsets = np.concatenate([[0], ends]).astype(np.int64)
         out = []
         with open(path, "rb") as f:
             for r in local_rows:
                 start, end = self._line_offsets[r], self._line_offsets[r + 1]
                 f.seek(int(start))
-                out.append(json.loads(f.read(int(end - start))))
+                line = f.read(int(end - start))
+                self.check_rows(np.array([r]), [line])
+                try:
+                    out.append(json.loads(line))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise BankError(f"{path}: row {r} is not valid JSON ({e}): the file is "
+                                    f"corrupt") from e
         return out
+
+    def row_parts(self, local_rows: np.ndarray, embedding_dim: int) -> tuple[np.ndarray, ...]:
+        return (self.array("keys", np.uint8, (KEY_BYTES,))[local_rows],
+                self.array("emb", EMBEDDING_DTYPE, (embedding_dim,))[local_rows])
+
+    def check_rows(self, local_rows: np.ndarray, lines: list[bytes] | None = None,
+                   embedding_dim: int | None = None) -> None:
+        """Compare rows with their CRC32s: the refs lines given, or (lines=None) keys and
+        embeddings only (the index is built from those alone)."""
+        if "rowsum" not in self.entry["files"] or not len(local_rows):
+            return
+        sums = self.array("rowsum", "<u4", (3,))[local_rows]
+        if lines is not None:
+            bad = crc_rows(lines) != sums[:, 0]
+            kind = "refs.jsonl"
+        else:
+            keys, emb = self.row_parts(local_rows, embedding_dim)
+            bad_keys = crc_rows(keys) != sums[:, 1]
+            bad = bad_keys | (crc_rows(emb) != sums[:, 2])
+            kind = "keys" if bad_keys.any() else "emb"
+        if bad.any():
+            raise BankError(f"{self.path(kind)}: row {int(local_rows[np.argmax(bad)])} does not "
+                            f"match its checksum in {self.path('rowsum')}: the bank is corrupt "
+                            f"(`memory3 bank verify` checks it all)")
+
+    def check_memories(self, records: np.ndarray, parts: tuple[np.ndarray, ...],
+                       kinds: tuple[str, ...]) -> None:
+        """Compare memory records with their CRC32s (columns of .memsum: kv, pos, rec)."""
+        if "memsum" not in self.entry["files"] or not len(records):
+            return
+        sums = self.array("memsum", "<u4", (3,))[records]
+        for part, kind in zip(parts, kinds):
+            bad = crc_rows(part) != sums[:, MEMORY_FILES.index(kind)]
+            if bad.any():
+                raise BankError(f"{self.path(kind)}: memory record {int(records[np.argmax(bad)])}"
+                                f" does not match its checksum in {self.path('memsum')}: the bank "
+                                f"is corrupt (`memory3 bank verify` checks it all)")
 
     def close(self) -> None:
         self._maps.clear()
@@ -283,6 +353,7 @@ class MemoryStore:
                     self._keys[k.tobytes()] = entry["row_base"] + i
         if entry["memories"]:
             records = np.fromfile(segment.path("rec"), dtype=RECORD_DTYPE)
+            segment.check_memories(np.arange(len(records)), (records,), ("rec",))
             rows = records["row"] + entry["row_base"]
             if len(rows) and (rows.min() < 0 or rows.max() >= self.n_rows):
                 raise BankError(f"segment {segment.path('rec')} names rows outside 0.."
@@ -351,9 +422,13 @@ class MemoryStore:
             lines = [json.dumps({k: ref[k] for k in ("key", "doc_id", "start", "end", "text",
                                                      "tokens")}, ensure_ascii=False) + "\n"
                      for ref in data.references]
-            payload["refs.jsonl"] = "".join(lines).encode("utf-8")
-            payload["keys"] = b"".join(key_bytes(ref["key"]) for ref in data.references)
+            encoded = [line.encode("utf-8") for line in lines]
+            keys = [key_bytes(ref["key"]) for ref in data.references]
+            payload["refs.jsonl"] = b"".join(encoded)
+            payload["keys"] = b"".join(keys)
             payload["emb"] = emb.data
+            payload["rowsum"] = np.stack([crc_rows(encoded), crc_rows(keys), crc_rows(emb)],
+                                         axis=1).data
         if n_mem:
             codes = np.ascontiguousarray(data.kv_codes, dtype=np.uint8)
             positions = np.ascontiguousarray(data.positions, dtype=self.layout.positions_dtype)
@@ -369,7 +444,9 @@ class MemoryStore:
             if data.memory_keys is not None:
                 records["key"] = np.frombuffer(b"".join(map(key_bytes, data.memory_keys)),
                                                dtype=np.uint8).reshape(n_mem, KEY_BYTES)
-            payload.update(kv=codes.data, pos=positions.data, rec=records.data)
+            payload.update(kv=codes.data, pos=positions.data, rec=records.data,
+                           memsum=np.stack([crc_rows(codes), crc_rows(positions),
+                                            crc_rows(records)], axis=1).data)
         if not payload:
             raise BankError(f"segment {name} would be empty")
         files = {}
@@ -475,8 +552,11 @@ class MemoryStore:
         for index, entry in enumerate(self.manifest["segments"]):
             lo, hi = entry["row_base"], entry["row_base"] + entry["rows"]
             if entry["rows"] and hi > start and lo < stop:
-                emb = self._segment(index).array("emb", EMBEDDING_DTYPE, (self.embedding_dim,))
-                parts.append(np.asarray(emb[max(start, lo) - lo:min(stop, hi) - lo]))
+                segment = self._segment(index)
+                local = np.arange(max(start, lo) - lo, min(stop, hi) - lo)
+                segment.check_rows(local, embedding_dim=self.embedding_dim)
+                emb = segment.array("emb", EMBEDDING_DTYPE, (self.embedding_dim,))
+                parts.append(np.asarray(emb[local[0]:local[-1] + 1]))
         return (np.concatenate(parts) if parts
                 else np.empty((0, self.embedding_dim), dtype=EMBEDDING_DTYPE))
 
@@ -486,8 +566,9 @@ class MemoryStore:
         self._check_rows(rows)
         out = np.empty((len(rows), self.embedding_dim), dtype=EMBEDDING_DTYPE)
         for seg, group in self._by_segment(self._row_segment.view[rows]):
-            emb = self._segment(seg).array("emb", EMBEDDING_DTYPE, (self.embedding_dim,))
-            out[group] = emb[rows[group] - self._row_starts[seg]]
+            segment, local = self._segment(seg), rows[group] - self._row_starts[seg]
+            segment.check_rows(local, embedding_dim=self.embedding_dim)
+            out[group] = segment.array("emb", EMBEDDING_DTYPE, (self.embedding_dim,))[local]
         return out
 
     # -- reading memories --------------------------------------------------------------------
@@ -514,8 +595,10 @@ class MemoryStore:
             order = np.argsort(records)  # ascending offsets read the file front to back
             kv = segment.array("kv", np.uint8, (self.kv_bytes,))
             pos = segment.array("pos", self.layout.positions_dtype, self.layout.positions_shape)
-            codes[group[order]] = kv[records[order]]
-            positions[group[order]] = pos[records[order]]
+            read_kv, read_pos = kv[records[order]], pos[records[order]]
+            segment.check_memories(records[order], (read_kv, read_pos), ("kv", "pos"))
+            codes[group[order]] = read_kv
+            positions[group[order]] = read_pos
         return codes, positions
 
     def memory_record_keys(self, rows: np.ndarray) -> list[str]:
