@@ -335,6 +335,19 @@ def test_resume_from_every_crash_point(tmp_path, tokenizer, monkeypatch, n_parag
     assert crash_at > 10
 
 
+def test_only_the_damaged_block_of_a_shard_is_refused(tmp_path, tokenizer, corpus, monkeypatch):
+    monkeypatch.setattr(shards_module, "BLOCK_TOKENS", 64)
+    prepare_data([corpus], tokenizer.path, tmp_path / "d", valid_fraction=0.1, progress=False)
+    shard = tmp_path / "d" / "train-00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[2 * (3 * 64 + 5)] ^= 1  # token 197: block 3
+    shard.write_bytes(bytes(data))
+    ts = TokenShards(tmp_path / "d")
+    ts.read(0, 192), ts.read(256, 500)  # blocks 0-2 and 4-11 are intact
+    with pytest.raises(DataError, match=r"train-00000\.bin: tokens 192\.\.255 do not match"):
+        ts.read(150, 50)
+
+
 def test_shard_damage_is_detected(tmp_path, data_dir):
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -344,9 +357,18 @@ def test_shard_damage_is_detected(tmp_path, data_dir):
     data = bytearray(shard.read_bytes())
     data[10] ^= 1
     shard.write_bytes(bytes(data))
-    TokenShards(broken)  # same size: only a checksum finds it
+    ts = TokenShards(broken)  # same size: only a checksum finds it, when the tokens are read
+    first = load_manifest(broken)["splits"]["train"]["shards"][0]["tokens"]
+    ts.read(0, first)  # the intact shard reads as ever
+    with pytest.raises(DataError, match=r"train-00001\.bin: tokens 0\.\.\d+ do not match their "
+                                        r"checksum in .*train-00001\.crc"):
+        ts.read(first + 100, 10)  # the same block as the flipped byte
     with pytest.raises(DataError, match="train-00001.bin does not match its sha256"):
         TokenShards(broken, verify=True)
+    crc = broken / "train-00001.crc"
+    crc.write_bytes(crc.read_bytes()[:-1])
+    with pytest.raises(DataError, match=r"train-00001\.crc missing or not matching their sha256"):
+        TokenShards(broken)
     shard.write_bytes(bytes(data[:-2]))
     with pytest.raises(DataError, match="train-00001.bin has .* bytes"):
         TokenShards(broken)

@@ -4,6 +4,12 @@ Layout of a data folder:
   manifest.json        the only record of what is done; a shard not listed in it does not exist
   train-00000.bin ...  raw little-endian uint16 (uint32 for vocabularies over 65535) token arrays
   valid-00000.bin ...
+  train-00000.crc ...  uint32 CRC32 of each block of BLOCK_TOKENS tokens of its shard
+
+Checks on read: opening checks every shard's size and the sha256 of its (small) .crc file; each
+block is checked against its CRC32 the first time a reader touches it, so a flipped byte stops
+training with an error naming the shard and the tokens, at the cost of one pass of CRC32 over
+the data per process. `verify=True` (and resuming a preparation) hashes whole shards too.
 
 Every document becomes [bos] + tokens + [eos] and lies whole in one shard of its split. A shard is
 closed as soon as it holds >= shard_tokens tokens, so shards run a little over shard_tokens.
@@ -31,6 +37,7 @@ import json
 import os
 import re
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,8 +53,9 @@ MANIFEST_FILE = "manifest.json"
 FORMAT = "memory3-token-shards"
 VERSION = 1
 SPLITS = ("train", "valid")
-SHARD_NAME = re.compile(r"(train|valid)-\d{5}\.bin")
-TEMP_NAME = re.compile(r"(manifest\.json|(train|valid)-\d{5}\.bin)\.tmp")
+SHARD_NAME = re.compile(r"(train|valid)-\d{5}\.(bin|crc)")
+TEMP_NAME = re.compile(r"(manifest\.json|(train|valid)-\d{5}\.(bin|crc))\.tmp")
+BLOCK_TOKENS = 1 << 16  # tokens per CRC32 block: 128 KiB of uint16, checked in ~0.1 ms
 # Documents are tokenized in batches of about this many characters, on the tokenizer's threads.
 BATCH_CHARS = 1 << 20
 # Test-only: seconds to sleep after each mid-run shard commit, so a test can kill the run mid-way.
@@ -64,7 +72,21 @@ def load_manifest(data_dir: PathLike) -> dict:
                          outdated="prepare the data again")
 
 
-def _check_shard(path: Path, shard: dict, itemsize: int, verify: bool) -> None:
+def block_crcs(data: bytes | np.ndarray, itemsize: int) -> np.ndarray:
+    """uint32 CRC32 of each block of BLOCK_TOKENS tokens (the last one may be shorter)."""
+    data = memoryview(data).cast("B")
+    step = BLOCK_TOKENS * itemsize
+    return np.array([zlib.crc32(data[i:i + step]) for i in range(0, len(data), step)],
+                    dtype="<u4")
+
+
+def _crc_path(path: Path) -> Path:
+    return path.with_suffix(".crc")
+
+
+def _check_shard(path: Path, shard: dict, itemsize: int, verify: bool) -> np.ndarray | None:
+    """Check a shard against its manifest entry; its block CRCs (None for data prepared before
+    they existed)."""
     if not path.is_file():
         raise DataError(f"shard {path} listed in the manifest does not exist")
     size, expected = path.stat().st_size, shard["tokens"] * itemsize
@@ -73,6 +95,14 @@ def _check_shard(path: Path, shard: dict, itemsize: int, verify: bool) -> None:
                         f"tokens = {expected} bytes")
     if verify and file_sha256(path) != shard["sha256"]:
         raise DataError(f"shard {path} does not match its sha256 in the manifest: it is corrupt")
+    if "crc_sha256" not in shard:
+        return None
+    crc_path = _crc_path(path)
+    data = crc_path.read_bytes() if crc_path.is_file() else None
+    if data is None or hashlib.sha256(data).hexdigest() != shard["crc_sha256"]:
+        raise DataError(f"block checksums {crc_path} missing or not matching their sha256 in "
+                        f"the manifest: prepare the data again")
+    return np.frombuffer(data, dtype="<u4")
 
 
 def _is_valid(text: str, seed: int, valid_fraction: float) -> bool:
@@ -99,10 +129,13 @@ class _SplitWriter:
         """Write the open shard to disk; it counts once the manifest is committed."""
         data = np.concatenate(self.buffer).tobytes()
         file = f"{self.name}-{len(self.entry['shards']):05d}.bin"
+        crcs = block_crcs(data, self.dtype.itemsize).tobytes()
         write_atomic(self.out_dir / file, data)
+        write_atomic(_crc_path(self.out_dir / file), crcs)
         self.entry["shards"].append({"file": file, "tokens": self.buffered_tokens,
                                      "documents": len(self.buffer),
-                                     "sha256": hashlib.sha256(data).hexdigest()})
+                                     "sha256": hashlib.sha256(data).hexdigest(),
+                                     "crc_sha256": hashlib.sha256(crcs).hexdigest()})
         self.entry["tokens"] += self.buffered_tokens
         self.entry["documents"] += len(self.buffer)
         self.entry["next_document"] = next_document
@@ -191,7 +224,8 @@ def _start_or_resume(out_dir: Path, settings: dict, tokenizer: Tokenizer) -> dic
                     _check_shard(out_dir / shard["file"], shard, itemsize, verify=True)
                 except DataError as e:
                     raise DataError(f"cannot resume: {e}; use a fresh output directory") from e
-    committed = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
+    committed = {name for split in manifest["splits"].values() for s in split["shards"]
+                 for name in (s["file"], _crc_path(Path(s["file"])).name)}
     for path in out_dir.iterdir():
         if TEMP_NAME.fullmatch(path.name) or (SHARD_NAME.fullmatch(path.name)
                                               and path.name not in committed):
@@ -268,7 +302,8 @@ def _print_summary(out_dir: Path, manifest: dict, stats: ReadStats, progress: bo
 class TokenShards:
     """The tokens of one split as a single read-only sequence over memory-mapped shards.
 
-    Opening checks every shard's size (cheap); `verify=True` also checks their sha256.
+    Opening checks every shard's size (cheap); `verify=True` also checks their sha256. Every
+    block a read touches is checked against its CRC32 the first time (module docstring).
     """
 
     def __init__(self, data_dir: PathLike, split: str = "train", *, verify: bool = False):
@@ -290,10 +325,16 @@ class TokenShards:
         self.vocab_size = manifest["tokenizer"]["vocab_size"]
         self.dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
         self._arrays: list[np.ndarray] = []
+        self._paths: list[Path] = []
+        self._crcs: list[np.ndarray | None] = []
+        self._checked: list[np.ndarray] = []  # per shard: blocks already checked
         for shard in entry["shards"]:
             path = self.data_dir / shard["file"]
-            _check_shard(path, shard, self.dtype.itemsize, verify)
+            crcs = _check_shard(path, shard, self.dtype.itemsize, verify)
             self._arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))
+            self._paths.append(path)
+            self._crcs.append(crcs)
+            self._checked.append(np.zeros(0 if crcs is None else len(crcs), dtype=bool))
         self._offsets = np.cumsum([0] + [len(a) for a in self._arrays])
 
     def __len__(self) -> int:
@@ -310,7 +351,25 @@ class TokenShards:
         while done < length:
             lo = start + done - int(self._offsets[shard])
             n = min(len(self._arrays[shard]) - lo, length - done)
+            self._check_blocks(shard, lo, lo + n)
             out[done:done + n] = self._arrays[shard][lo:lo + n]
             done += n
             shard += 1
         return out
+
+    def _check_blocks(self, shard: int, lo: int, hi: int) -> None:
+        """Check the blocks holding tokens [lo, hi) of a shard that no read has checked yet."""
+        crcs, checked = self._crcs[shard], self._checked[shard]
+        if crcs is None:
+            return
+        array = self._arrays[shard]
+        for b in range(lo // BLOCK_TOKENS, (hi - 1) // BLOCK_TOKENS + 1):
+            if checked[b]:
+                continue
+            block = array[b * BLOCK_TOKENS:(b + 1) * BLOCK_TOKENS]
+            if zlib.crc32(memoryview(block).cast("B")) != crcs[b]:
+                first, path = b * BLOCK_TOKENS, self._paths[shard]
+                raise DataError(f"shard {path}: tokens {first}..{first + len(block) - 1} do not "
+                                f"match their checksum in {_crc_path(path)}: the data is corrupt "
+                                f"(prepare it again)")
+            checked[b] = True
