@@ -89,9 +89,10 @@ def main(argv=None):
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--every", type=int, default=100, help="evaluate every this many steps")
     p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--records", type=int, default=5, help="knowledge records per entity")
     args = p.parse_args(argv)
     out = Path(args.out)
-    data = write_facts(out / "facts")
+    data = write_facts(out / "facts", records=args.records)
     if (out / "tok" / "tokenizer.model").exists():
         tok = Tokenizer(out / "tok")
     else:

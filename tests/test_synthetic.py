@@ -118,3 +118,23 @@ def test_several_sheets_per_entity_each_hold_every_fact():
         sheets = [r["text"] for r in rows if r["text"].startswith(f"{e.name} {e.kind} ")]
         assert len(set(sheets)) == 3  # the same facts in three orders
         assert all(f.value in s for s in sheets for f in w.facts_of(e))
+
+
+def test_records_of_one_fact_and_records_worded_as_the_text():
+    w = make_world(seed=0, n_entities=60, n_fresh=9, facts_per_record=1, documents_per_fresh=1)
+    rows = w.knowledge_records()
+    assert len(rows) == len(w.facts) and len({r["id"] for r in rows}) == len(rows)
+    for e in w.entities:
+        mine = [r["text"] for r in rows if r["text"].startswith(f"{e.name} {e.kind} ")]
+        assert sorted(t.split()[-1] for t in mine) == sorted(f.value.split()[-1]
+                                                            for f in w.facts_of(e))
+    continual = w.continual_documents()
+    assert all(sum(e.name in d for d in continual) == 1 for e in w.entities if e.fresh)
+
+    w = make_world(seed=0, n_entities=60, worded_records=True)
+    worded = w.knowledge_records()
+    assert len(worded) == 3 * len(w.facts)  # every fact in each of its three templates
+    person = next(e for e in w.entities if e.kind == "person"
+                  and any(f.attribute == "born" for f in w.facts_of(e)))
+    born = next(f for f in w.facts_of(person) if f.attribute == "born")
+    assert any(r["text"].endswith(f" : {person.name} was born in {born.value}.") for r in worded)

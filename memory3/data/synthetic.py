@@ -14,7 +14,9 @@ Views of the same world:
                             would not: a small model memorises every corpus fact during warmup,
                             and memory has nothing to teach it there (bench/RESULTS.md, quickstart).
   * knowledge_documents() - the knowledge base: terse fact sheets (`sheets_per_entity` each),
-                            worded differently from the corpus, so memory is not a copy of the text.
+                            worded differently from the corpus, so memory is not a copy of the text
+                            (or records of `facts_per_record` facts, or `worded_records` in the
+                            text's own sentences: variants bench/quickstart_variants.py compares).
   * heldout_documents()   - corpus-style prose about held-out entities, whose names and facts are
                             nowhere in the corpus: perplexity on it measures use of knowledge the
                             model has not memorised (the fact sheets hold it).
@@ -138,6 +140,7 @@ ASIDES = ["People in the region still talk about {s}.", "There are many stories 
           "Not everyone agrees about {s}.", "Every old guidebook has a page on {s}.",
           "Some of this is still remembered about {s}.", "Visitors often ask about {s}.",
           "The archives say more about {s}."]
+RECORD_FILLER = "alpha beta gamma delta omega sigma kappa theta lambda zeta".split()
 OUTROS = ["Little else is known for certain.", "Historians still argue about the details.",
           "More can be found in the old archives.", "That is the story as it is usually told.", ""]
 # Everyday filler: a small fixed vocabulary combined freely, for general English structure.
@@ -194,6 +197,12 @@ class World:
     # records on one subject, as real knowledge bases have. A chunk retrieves 5 references; with
     # one sheet per entity 4 of them are other entities' sheets, with facts of the same types.
     sheets_per_entity: int = 1
+    # Facts per knowledge record: 0 puts every fact of an entity in each sheet; k > 0 writes
+    # records of k facts each instead (sheets_per_entity is then unused).
+    facts_per_record: int = 0
+    documents_per_fresh: int = 2  # continual documents per fresh entity
+    # Records worded as the text is: one per fact and template, "<filler words> : <sentence>".
+    worded_records: bool = False
     _by_entity: dict[str, list[Fact]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -222,7 +231,7 @@ class World:
         r = random.Random(f"{self.seed}/continual")
         fresh = [e for e in self.entities if e.fresh]
         docs = [self._profile(r, e, self.facts_of(e), n_filler=r.randint(0, 1))
-                for e in fresh for _ in range(2)]
+                for e in fresh for _ in range(self.documents_per_fresh)]
         docs += [" ".join(_filler(r) for _ in range(r.randint(4, 9)))
                  for _ in range(len(fresh) // 2)]
         r.shuffle(docs)
@@ -232,22 +241,41 @@ class World:
         return [r["text"] for r in self.knowledge_records()]
 
     def knowledge_records(self) -> list[dict]:
-        """knowledge.jsonl rows; id is '<kind>-<name>[-<sheet>]', unique because names are."""
-        n = self.sheets_per_entity
-        return [{"id": f"{e.kind}-{e.name.lower().replace(' ', '-')}" + (f"-{i}" if n > 1 else ""),
-                 "text": self._fact_sheet(e, i)} for e in self.entities for i in range(n)]
+        """knowledge.jsonl rows; id is '<kind>-<name>[-<part>]', unique because names are."""
+        rows = []
+        for e in self.entities:
+            if self.worded_records:
+                texts = self._worded_records(e)
+            elif k := self.facts_per_record:
+                facts = self.facts_of(e)
+                texts = [self._fact_sheet(e, facts=facts[j:j + k]) for j in range(0, len(facts), k)]
+            else:
+                texts = [self._fact_sheet(e, i) for i in range(self.sheets_per_entity)]
+            base = f"{e.kind}-{e.name.lower().replace(' ', '-')}"
+            rows += [{"id": base + (f"-{i}" if len(texts) > 1 else ""), "text": text}
+                     for i, text in enumerate(texts)]
+        return rows
+
+    def _worded_records(self, e: Entity) -> list[str]:
+        # Filler words the text never uses keep a record's overlap with a document that states the
+        # same sentence below the evaluation filter's 2/3 (as the fact world's records do).
+        r = random.Random(f"{self.seed}/records/{e.name}")
+        templates = {a: t.split("|") for a, _, _, t in SCHEMA[e.kind]}
+        sentences = [_an(_cap(t.format(s=e.name, v=f.value)))
+                     for f in self.facts_of(e) for t in templates[f.attribute]]
+        return [f"{' '.join(r.sample(RECORD_FILLER, 6))} : {s}" for s in sentences]
 
     def heldout_documents(self) -> list[str]:
         r = random.Random(f"{self.seed}/heldout")
         return [self._profile(r, e, self.facts_of(e), n_filler=r.randint(0, 1))
                 for e in self.entities if e.heldout for _ in range(2)]
 
-    def _fact_sheet(self, e: Entity, rotate: int = 0) -> str:
+    def _fact_sheet(self, e: Entity, rotate: int = 0, facts: list[Fact] | None = None) -> str:
         # Words only, no punctuation: a reference keeps its 8 most attended tokens per layer and
         # head, and punctuation draws attention (a sheet written "Label: value;" kept mostly
         # ":", ";" and "." and few values; bench/RESULTS.md quickstart).
         labels = {a: lab.lower() for a, _, lab, _ in SCHEMA[e.kind]}
-        facts = self.facts_of(e)
+        facts = self.facts_of(e) if facts is None else facts
         facts = facts[rotate % len(facts):] + facts[:rotate % len(facts)]
         items = " ".join(f"{labels[f.attribute]} {f.value}" for f in facts)
         return f"{e.name} {e.kind} {items}"
@@ -305,7 +333,8 @@ def _entity(r: random.Random, used: set[str], kind: str, fresh: bool = False) ->
 
 
 def make_world(seed: int = 0, n_entities: int = 400, heldout_fraction: float = 0.1,
-               n_fresh: int = 0, sheets_per_entity: int = 1) -> World:
+               n_fresh: int = 0, sheets_per_entity: int = 1, facts_per_record: int = 0,
+               documents_per_fresh: int = 2, worded_records: bool = False) -> World:
     r = random.Random(seed)
     used: set[str] = set()
     entities = [_entity(r, used, KIND_CYCLE[i % len(KIND_CYCLE)]) for i in range(n_entities)]
@@ -333,7 +362,8 @@ def make_world(seed: int = 0, n_entities: int = 400, heldout_fraction: float = 0
             else:
                 value = VALUES[vtype](r)
             facts.append(Fact(e.name, a, value))
-    return World(entities, facts, seed, sheets_per_entity)
+    return World(entities, facts, seed, sheets_per_entity, facts_per_record, documents_per_fresh,
+                 worded_records)
 
 
 def write_world(world: World, out_dir: str | Path) -> dict[str, Path]:

@@ -5,8 +5,8 @@ fact as "Name Name ... Name = value ." with the name repeated often enough (`rep
 whole 64-token chunk before the value: with causal retrieval the chunk before the value is the
 query, so it must be about the entity, as consecutive chunks of real text share their subject. The
 knowledge base says the same in other words ("greek letters : Name = value .") five times per
-entity: references of ~13 tokens, of which memory_top_k = 8 keep most. Three disjoint groups:
-`train` (text + bank), `warm` (text only: teaches the format, after "=" one of 40 words),
+entity (`records`): references of ~13 tokens, of which memory_top_k = 8 keep most. Three disjoint
+groups: `train` (text + bank), `warm` (text only: teaches the format, after "=" one of 40 words),
 `heldout` (bank only). Without memory no model beats log(40) = 3.7 nats on a held-out value; with
 memory read, it can approach 0.
 Used by tests/test_knowledge.py and bench/knowledge_reading.py.
@@ -32,7 +32,8 @@ FACT_DATA = ["data.seq_len=256"]
 
 
 def write_facts(out: str | Path, n_train: int = 3000, n_warm: int = 500, n_heldout: int = 100,
-                seed: int = 0, repeats: tuple[int, int] = (24, 28)) -> dict[str, Path]:
+                seed: int = 0, repeats: tuple[int, int] = (24, 28),
+                records: int = 5) -> dict[str, Path]:
     """train.txt, warm.txt, heldout.txt (one fact per paragraph) and kb.jsonl under out."""
     rng = random.Random(seed)
     names: set[str] = set()
@@ -53,7 +54,7 @@ def write_facts(out: str | Path, n_train: int = 3000, n_warm: int = 500, n_heldo
     paths["knowledge"] = out / "kb.jsonl"
     with open(paths["knowledge"], "w") as f:
         for n in groups["train"] + groups["heldout"]:  # warm entities are nowhere in the bank
-            for _ in range(5):
+            for _ in range(records):
                 filler = " ".join(rng.sample(FILLER, 5))
                 f.write(json.dumps({"text": f"{filler} : {n} = {fact[n]} ."}) + "\n")
     return paths
