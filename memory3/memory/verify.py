@@ -2,7 +2,7 @@
 
 Opening a bank checks sizes, and each read checks the records it touches (store.py); this reads
 everything once: each file's sha256 against the manifest, each row's and memory's CRC32, the
-codec, and that the index holds every row.
+codec, and the index (its sha256 and its row count against the manifest).
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from memory3.files import file_sha256
+from memory3.memory.codec import load_codec
+from memory3.memory.index import ReferenceIndex
 from memory3.memory.store import (EMBEDDING_DTYPE, KEY_BYTES, MANIFEST_FILE, MEMORY_FILES,
                                   RECORD_DTYPE, BankError, MemoryStore, _Segment, crc_rows,
                                   load_manifest)
@@ -36,7 +38,7 @@ def verify_bank(path: str | Path) -> tuple[list[str], dict[str, int]]:
         if complete:  # records can be checked where every file has its size
             problems += _check_records(store, segment, entry, counts)
         segment.close()
-    problems += _check_codec_and_index(path)
+    problems += _check_codec_and_index(store)
     return problems, counts
 
 
@@ -78,17 +80,20 @@ def _bad(segment: _Segment, kind: str, sums: str, bad: np.ndarray, what: str) ->
             f"{segment.path(sums)} (first: {first})"]
 
 
-def _check_codec_and_index(path: Path) -> list[str]:
-    from memory3.memory.bank import MemoryBank
+def _check_codec_and_index(store: MemoryStore) -> list[str]:
+    manifest, problems = store.manifest, []
     try:
-        bank = MemoryBank.open(path, verify="full")
+        load_codec(store.path, store.layout, manifest["storage"], manifest["model"]["rope_theta"],
+                   verify=True)
     except BankError as e:
-        return [str(e)]
-    try:
-        index = bank.manifest["index"]
-        if index is not None and bank._index.ntotal != index["rows"]:
-            return [f"{path / index['file']} holds {bank._index.ntotal} rows, "
-                    f"{path / MANIFEST_FILE} says {index['rows']}"]
-        return []
-    finally:
-        bank.close()
+        problems.append(str(e))
+    if manifest["index"] is not None:
+        try:
+            index = ReferenceIndex.load(store.path, manifest["index"], "full")
+            if index.ntotal != manifest["index"]["rows"]:
+                problems.append(f"{store.path / manifest['index']['file']} holds {index.ntotal} "
+                                f"rows, {store.path / MANIFEST_FILE} says "
+                                f"{manifest['index']['rows']}")
+        except BankError as e:
+            problems.append(str(e))
+    return problems
