@@ -3,11 +3,16 @@ write a temp file, fsync it, rename it over the target, fsync the folder. A kill
 leaves either the old file or the new one, never a torn one."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import socket
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+LOCK_FILE = "write.lock"
 
 
 def file_sha256(path: Path) -> str:
@@ -58,3 +63,26 @@ def read_manifest(folder: Path, fmt: str, version: int, error: type[Exception], 
         raise error(f"{path} has format version {manifest.get('version')}, this code reads "
                     f"version {version}; {outdated}")
     return manifest
+
+
+def hold_write_lock(folder: Path, error: type[Exception]) -> IO[str]:
+    """Become the one process writing `folder`: an exclusive flock on folder/write.lock, which
+    records its holder (pid, host, start) for the message a second writer gets. The lock lasts
+    while the returned file stays open. The kernel drops a flock when its process dies, so a lock
+    left by a killed writer is simply taken over by the next one (the record is rewritten)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.seek(0)
+        holder = f.read().strip() or "holder unknown"
+        f.close()
+        raise error(f"{folder / LOCK_FILE} is locked: another process is writing {folder} "
+                    f"({holder}); wait for it to end or use another folder") from e
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f

@@ -1,6 +1,7 @@
 """Shared fixtures: one small real dataset (generated world -> sentencepiece -> shards) per session."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -34,3 +35,20 @@ def run_memory3(*args: str, check: bool = True, timeout: float = 300,
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+@contextlib.contextmanager
+def writer_holding(folder: Path):
+    """Another process holding folder's write lock (as a running writer would) until the block
+    ends, when it is killed (leaving its lock file behind, as a killed writer does)."""
+    code = ("import sys, time; from pathlib import Path; from memory3.files import "
+            "hold_write_lock; f = hold_write_lock(Path(sys.argv[1]), RuntimeError); "
+            "print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()

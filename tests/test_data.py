@@ -20,6 +20,7 @@ from memory3.data import (DataError, PackedLoader, ReadStats, Tokenizer, TokenSh
                           iter_documents, iter_eval_batches, load_manifest, prepare_data,
                           require_documents, train_tokenizer)
 from memory3.data import shards as shards_module
+from conftest import writer_holding
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the a of memory model token shard river city ship north quiet green seven 1984 42 "
@@ -227,18 +228,19 @@ def test_prepare_data_refuses_empty_input(tmp_path, tokenizer):
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    """Every file but the write lock, whose record names the process that last held it."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "write.lock"}
 
 
 def test_complete_rerun_is_noop_and_changes_are_refused(data_dir, corpus, tokenizer, tmp_path,
                                                         capsys):
     before = snapshot(data_dir)
-    mtimes = {p.name: p.stat().st_mtime_ns for p in data_dir.iterdir()}
+    mtimes = {name: (data_dir / name).stat().st_mtime_ns for name in before}
     prepare_data([corpus], tokenizer.path, data_dir, shard_tokens=1000, valid_fraction=0.1,
                  progress=False)
     assert "nothing to do" in capsys.readouterr().out
     assert snapshot(data_dir) == before
-    assert {p.name: p.stat().st_mtime_ns for p in data_dir.iterdir()} == mtimes
+    assert {name: (data_dir / name).stat().st_mtime_ns for name in before} == mtimes
     with pytest.raises(DataError, match="shard_tokens.*fresh output directory"):
         prepare_data([corpus], tokenizer.path, data_dir, shard_tokens=4000, valid_fraction=0.1,
                      progress=False)
@@ -346,6 +348,17 @@ def test_only_the_damaged_block_of_a_shard_is_refused(tmp_path, tokenizer, corpu
     ts.read(0, 192), ts.read(256, 500)  # blocks 0-2 and 4-11 are intact
     with pytest.raises(DataError, match=r"train-00000\.bin: tokens 192\.\.255 do not match"):
         ts.read(150, 50)
+
+
+def test_a_second_writer_is_refused_and_a_killed_writers_lock_taken_over(tmp_path, corpus,
+                                                                          tokenizer):
+    with writer_holding(tmp_path / "d") as pid:
+        with pytest.raises(DataError, match=rf"write\.lock is locked: another process is writing "
+                                            rf".*\(pid {pid} on "):
+            prepare_data([corpus], tokenizer.path, tmp_path / "d", progress=False)
+    assert f"pid {pid} " in (tmp_path / "d" / "write.lock").read_text()  # left by the killed one
+    prepare_data([corpus], tokenizer.path, tmp_path / "d", progress=False)
+    assert load_manifest(tmp_path / "d")["complete"]
 
 
 def test_shard_damage_is_detected(tmp_path, data_dir):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_memory3
+from conftest import run_memory3, writer_holding
 from memory3.config import ConfigError, Recipe
 from memory3.train.checkpoint import load_model, read_info
 from memory3.train.metrics import read_metrics
@@ -159,6 +159,13 @@ def test_train_without_data_path_is_a_clear_error(tmp_path):
     proc = run_memory3("train", "--recipe", "tiny-warmup", "--out", str(tmp_path), check=False)
     assert proc.returncode == 2
     assert "data.path is empty" in proc.stderr
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tiny_data, tmp_path):
+    with writer_holding(tmp_path) as pid:
+        proc = run_memory3(*_train_args(tiny_data, tmp_path), check=False)
+    assert proc.returncode == 2
+    assert f"write.lock is locked: another process is writing {tmp_path} (pid {pid} on" in proc.stderr
 
 
 def test_vocab_too_small_for_tokenizer_is_refused(tiny_data, tmp_path):

@@ -5,6 +5,7 @@ Layout of a data folder:
   train-00000.bin ...  raw little-endian uint16 (uint32 for vocabularies over 65535) token arrays
   valid-00000.bin ...
   train-00000.crc ...  uint32 CRC32 of each block of BLOCK_TOKENS tokens of its shard
+  write.lock           held (flock) by the one process preparing the folder; names it
 
 Checks on read: opening checks every shard's size and the sha256 of its (small) .crc file; each
 block is checked against its CRC32 the first time a reader touches it, so a flipped byte stops
@@ -47,7 +48,7 @@ from tqdm import tqdm
 from memory3.data.text import (DataError, PathLike, ReadStats, iter_documents, list_files,
                                require_documents)
 from memory3.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
-from memory3.files import file_sha256, read_manifest, write_atomic
+from memory3.files import file_sha256, hold_write_lock, read_manifest, write_atomic
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "memory3-token-shards"
@@ -254,6 +255,15 @@ def prepare_data(inputs: Sequence[PathLike], tokenizer_path: PathLike, out_dir: 
                 "text_field": text_field, "shard_tokens": shard_tokens,
                 "valid_fraction": valid_fraction, "seed": seed}
 
+    # Before anything is read or cleaned up: a second writer would delete the first's open shards.
+    with hold_write_lock(out_dir, DataError):
+        return _prepare(files, tokenizer, out_dir, settings, progress)
+
+
+def _prepare(files: list[Path], tokenizer: Tokenizer, out_dir: Path, settings: dict,
+             progress: bool) -> dict:
+    shard_tokens, valid_fraction = settings["shard_tokens"], settings["valid_fraction"]
+    text_field, seed = settings["text_field"], settings["seed"]
     manifest = _start_or_resume(out_dir, settings, tokenizer)
     if manifest["complete"]:
         print(f"{out_dir} is already complete; nothing to do")

@@ -44,7 +44,6 @@ assigns row_base and commits the manifest.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import re
@@ -57,10 +56,9 @@ from typing import Any
 
 import numpy as np
 
-from memory3.files import file_sha256, read_manifest, write_atomic
+from memory3.files import file_sha256, hold_write_lock, read_manifest, write_atomic
 
 MANIFEST_FILE = "manifest.json"
-LOCK_FILE = "write.lock"
 SHARDS_DIR = "shards"
 FORMAT = "memory3-memory-bank"
 VERSION = 1
@@ -369,14 +367,7 @@ class MemoryStore:
         """Become the bank's one writer (released when the process ends or `close()`)."""
         if self._lock_file is not None:
             return
-        f = open(self.path / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            f.close()
-            raise BankError(f"{self.path / LOCK_FILE} is locked: another process is writing "
-                            f"the bank {self.path}") from e
-        self._lock_file = f
+        self._lock_file = hold_write_lock(self.path, BankError)
         self._remove_uncommitted()
 
     def _remove_uncommitted(self) -> None:

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memory3.config import ConfigError, Recipe
-from memory3.files import write_json_atomic
+from memory3.files import hold_write_lock, write_json_atomic
 from memory3.model import IGNORE_INDEX, Transformer
 from memory3.train import checkpoint
 from memory3.train.deepspeed_config import build_deepspeed_config
@@ -51,6 +51,9 @@ class Trainer:
         self.rank, self.world_size, self.device = init_distributed()
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
+        # One run writes a run directory: a second would interleave checkpoints and metrics.
+        self._lock = (hold_write_lock(self.out_dir, checkpoint.CheckpointError) if self.is_main
+                      else None)
         seed_everything(recipe.train.seed)
 
         self.phase = make_phase(recipe, self.rank, self.world_size, self.device)
@@ -120,6 +123,12 @@ class Trainer:
         self.phase.flush(self.step, self.out_dir)
         checkpoint.save(self.engine, self.ckpt_dir, self.step, client,
                         self.recipe.train.keep_last, info)
+
+    def close(self) -> None:
+        """Release the run directory (the process ending does too)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     # -- loop --------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -200,4 +209,8 @@ class Trainer:
 
 def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = True,
           progress: bool = True) -> dict[str, Any]:
-    return Trainer(recipe, out_dir, resume=resume, progress=progress).fit()
+    trainer = Trainer(recipe, out_dir, resume=resume, progress=progress)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
