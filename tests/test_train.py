@@ -165,7 +165,8 @@ def test_a_second_run_on_the_same_directory_is_refused(tiny_data, tmp_path):
     with writer_holding(tmp_path) as pid:
         proc = run_memory3(*_train_args(tiny_data, tmp_path), check=False)
     assert proc.returncode == 2
-    assert f"write.lock is locked: another process is writing {tmp_path} (pid {pid} on" in proc.stderr
+    assert (f"write.lock is locked: another process is writing {tmp_path} (pid {pid} on"
+            in proc.stderr)
 
 
 def test_vocab_too_small_for_tokenizer_is_refused(tiny_data, tmp_path):
