@@ -14,14 +14,14 @@ Layout of a bank folder:
       .kv           memories: uint8 (memories, kv_bytes) - bf16 bit patterns, or codec codes
       .pos          memories: (memories, memory layers, KV heads, top-k) token positions, 0 = empty
       .rec          memories: per record (row, encoder index, reference key)
-      .rowsum       rows: uint32 CRC32 of each row's refs line, key and embedding
-      .memsum       memories: uint32 CRC32 of each memory's kv codes, positions and record
+      .rowsum       rows: uint32 (rows, 3) CRC32s of each row's refs line, key and embedding
+      .memsum       memories: uint32 (memories, 3) CRC32s of each memory's kv, pos and rec rows
 
 Checks on read (issue 14): sizes are checked on every open and the sha256 of every file by
 verify="full" (or `memory3 bank verify`, which also checks every record). Hashing terabytes on
 each open is no answer, so every read of a row or a memory checks its CRC32s instead: a flipped
 byte stops the reader with an error naming the file and the record, never reaches a model. The
-small .rec files are read whole on open and checked there. (Banks written before the .rowsum and
+small .rec files are read whole on open and hashed there. (Banks written before the .rowsum and
 .memsum files existed are read without per-record checks.)
 
 A segment may carry new rows, memories, or both. Row ids are global and dense: a segment's rows
@@ -215,10 +215,6 @@ class _Segment:
                                     f"corrupt") from e
         return out
 
-    def row_parts(self, local_rows: np.ndarray, embedding_dim: int) -> tuple[np.ndarray, ...]:
-        return (self.array("keys", np.uint8, (KEY_BYTES,))[local_rows],
-                self.array("emb", EMBEDDING_DTYPE, (embedding_dim,))[local_rows])
-
     def check_rows(self, local_rows: np.ndarray, lines: list[bytes] | None = None,
                    embedding_dim: int | None = None) -> None:
         """Compare rows with their CRC32s: the refs lines given, or (lines=None) keys and
@@ -230,7 +226,8 @@ class _Segment:
             bad = crc_rows(lines) != sums[:, 0]
             kind = "refs.jsonl"
         else:
-            keys, emb = self.row_parts(local_rows, embedding_dim)
+            keys = self.array("keys", np.uint8, (KEY_BYTES,))[local_rows]
+            emb = self.array("emb", EMBEDDING_DTYPE, (embedding_dim,))[local_rows]
             bad_keys = crc_rows(keys) != sums[:, 1]
             bad = bad_keys | (crc_rows(emb) != sums[:, 2])
             kind = "keys" if bad_keys.any() else "emb"
@@ -351,7 +348,9 @@ class MemoryStore:
                     self._keys[k.tobytes()] = entry["row_base"] + i
         if entry["memories"]:
             records = np.fromfile(segment.path("rec"), dtype=RECORD_DTYPE)
-            segment.check_memories(np.arange(len(records)), (records,), ("rec",))
+            if hashlib.sha256(records.tobytes()).hexdigest() != entry["files"]["rec"]["sha256"]:
+                raise BankError(f"segment file {segment.path('rec')} does not match its sha256 "
+                                f"in {self.path / MANIFEST_FILE}: it is corrupt")
             rows = records["row"] + entry["row_base"]
             if len(rows) and (rows.min() < 0 or rows.max() >= self.n_rows):
                 raise BankError(f"segment {segment.path('rec')} names rows outside 0.."
