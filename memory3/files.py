@@ -1,6 +1,7 @@
 """Durable writes shared by every on-disk format (token shards, banks, datastores, checkpoints):
 write a temp file, fsync it, rename it over the target, fsync the folder. A kill at any moment
-leaves either the old file or the new one, never a torn one."""
+leaves either the old file or the new one, never a torn one. And the one-writer lock that keeps
+two processes from writing one folder (`hold_write_lock`)."""
 from __future__ import annotations
 
 import fcntl
