@@ -14,7 +14,7 @@ import torch
 
 from conftest import run_memory3, writer_holding
 from memory3.config import ConfigError, Recipe
-from memory3.train.checkpoint import load_model, read_info
+from memory3.train.checkpoint import CheckpointError, load_model, read_info
 from memory3.train.metrics import read_metrics
 from memory3.train.trainer import train
 
@@ -159,6 +159,24 @@ def test_train_without_data_path_is_a_clear_error(tmp_path):
     proc = run_memory3("train", "--recipe", "tiny-warmup", "--out", str(tmp_path), check=False)
     assert proc.returncode == 2
     assert "data.path is empty" in proc.stderr
+
+
+def test_a_damaged_checkpoint_is_refused_by_load_and_resume(tiny_run, tmp_path):
+    import shutil
+    recipe, run_dir, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    step = run / "checkpoints" / "step-00000030"
+    assert set(read_info(step)["files"]) == {p.name for p in step.iterdir()} - {"memory3.json"}
+    weights = step / "mp_rank_00_model_states.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1  # same size, one bit: only the checksum can tell
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt does not match its "
+                                              r"sha256 in .*memory3\.json"):
+        load_model(run)
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt does not match"):
+        train(recipe.override(["train.max_steps=40"]), run, progress=False)
 
 
 def test_a_second_run_on_the_same_directory_is_refused(tiny_data, tmp_path):

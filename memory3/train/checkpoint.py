@@ -6,6 +6,9 @@ Layout of a run directory:
 
 memory3.json is written last, once every rank has finished writing: a step folder without it is
 an interrupted save and is ignored, so a kill during a save resumes from the previous checkpoint.
+It also lists every file of the save with its size and sha256, checked before a resume or a load
+reads them: a damaged checkpoint stops with an error naming the file, never loads garbage weights.
+(Checkpoints saved before the list existed are read unchecked.)
 """
 from __future__ import annotations
 
@@ -19,11 +22,12 @@ import numpy as np
 import torch
 
 from memory3.config import ModelConfig, Recipe
-from memory3.files import write_json_atomic
+from memory3.files import file_sha256, write_json_atomic
 from memory3.train.distributed import barrier
 
 TAG_PREFIX = "step-"
 INFO_FILE = "memory3.json"
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's file of the weights (ZeRO stages 0-2)
 
 
 class CheckpointError(ValueError):
@@ -57,7 +61,12 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_l
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
     barrier()
     if engine.global_rank == 0:
-        write_json_atomic(ckpt_dir / tag / INFO_FILE, info)
+        folder = ckpt_dir / tag
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != INFO_FILE)
+        info = {**info, "files": {str(p.relative_to(folder)): {"bytes": p.stat().st_size,
+                                                               "sha256": file_sha256(p)}
+                                  for p in files}}
+        write_json_atomic(folder / INFO_FILE, info)
         tags = sorted(p.name for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir())
         for old in tags[:-keep_last]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
@@ -82,6 +91,24 @@ def resolve(path: str | Path) -> tuple[Path, str]:
                           f"checkpoints/ folder, or a {TAG_PREFIX}* folder containing {INFO_FILE})")
 
 
+def check_files(folder: Path, info: dict[str, Any], names: list[str] | None = None) -> None:
+    """Check the files `names` (default: all) of the save in `folder` against the list in its
+    memory3.json."""
+    listed = info.get("files")
+    if listed is None:
+        return
+    for name in listed if names is None else names:
+        path, expected = folder / name, listed.get(name)
+        if expected is None:
+            raise CheckpointError(f"{path} is not listed in {folder / INFO_FILE}")
+        if not path.is_file() or path.stat().st_size != expected["bytes"]:
+            raise CheckpointError(f"{path} is missing or not {expected['bytes']} bytes long "
+                                  f"({folder / INFO_FILE}): the checkpoint is damaged")
+        if file_sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path} does not match its sha256 in {folder / INFO_FILE}: "
+                                  f"the checkpoint is damaged")
+
+
 def read_info(path: str | Path) -> dict[str, Any]:
     ckpt_dir, tag = resolve(path)
     return json.loads((ckpt_dir / tag / INFO_FILE).read_text())
@@ -92,12 +119,14 @@ def load_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], Recipe, 
     ckpt_dir, tag = resolve(path)
     info = json.loads((ckpt_dir / tag / INFO_FILE).read_text())
     recipe = Recipe.from_dict(info["recipe"])
+    check_files(ckpt_dir / tag, info, None if recipe.train.zero_stage == 3
+                else [MODEL_STATES])
     if recipe.train.zero_stage == 3:
         # Stage 3 leaves only parameter shards; DeepSpeed's converter gathers them.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag)
     else:
-        states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+        states = torch.load(ckpt_dir / tag / MODEL_STATES, map_location="cpu",
                             weights_only=False)
         state = states["module"]
     return state, recipe, info

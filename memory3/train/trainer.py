@@ -107,6 +107,7 @@ class Trainer:
         if info["recipe"]["model"] != self.recipe.model.to_dict():
             raise ConfigError(f"checkpoint {self.ckpt_dir / tag} was trained with a different model "
                               f"config; use a new --out directory or the same recipe")
+        checkpoint.check_files(self.ckpt_dir / tag, info)
         _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         self.step = client["step"]
         self.phase.load_state_dict(client["phase"])
