@@ -21,7 +21,7 @@ Checks on read (issue 14): sizes are checked on every open and the sha256 of eve
 verify="full" (or `memory3 bank verify`, which also checks every record). Hashing terabytes on
 each open is no answer, so every read of a row or a memory checks its CRC32s instead: a flipped
 byte stops the reader with an error naming the file and the record, never reaches a model. The
-small .rec files are read whole on open and hashed there. (Banks written before the .rowsum and
+small .rec files are read whole on open and always hashed. (Banks written before the .rowsum and
 .memsum files existed are read without per-record checks.)
 
 A segment may carry new rows, memories, or both. Row ids are global and dense: a segment's rows
@@ -201,18 +201,20 @@ class _Segment:
                 raise BankError(f"{path} has {len(ends)} lines, the manifest says "
                                 f"{self.entry['rows']} rows: it is corrupt")
             self._line_offsets = np.concatenate([[0], ends]).astype(np.int64)
-        out = []
+        lines = []
         with open(path, "rb") as f:
             for r in local_rows:
                 start, end = self._line_offsets[r], self._line_offsets[r + 1]
                 f.seek(int(start))
-                line = f.read(int(end - start))
-                self.check_rows(np.array([r]), [line])
-                try:
-                    out.append(json.loads(line))
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise BankError(f"{path}: row {r} is not valid JSON ({e}): the file is "
-                                    f"corrupt") from e
+                lines.append(f.read(int(end - start)))
+        self.check_rows(np.asarray(local_rows), lines)
+        out = []
+        for r, line in zip(local_rows, lines):
+            try:
+                out.append(json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise BankError(f"{path}: row {r} is not valid JSON ({e}): the file is "
+                                f"corrupt") from e
         return out
 
     def check_rows(self, local_rows: np.ndarray, lines: list[bytes] | None = None,
@@ -312,20 +314,30 @@ class MemoryStore:
     def _segment_folder(self, entry: dict[str, Any]) -> Path:
         return self.path / entry.get("dir", SHARDS_DIR)
 
-    def _check_segment(self, entry: dict[str, Any], verify: str) -> None:
-        folder = self._segment_folder(entry)
+    def _check_segment(self, entry: dict[str, Any], verify: str,
+                       problems: list[str] | None = None) -> bool:
+        """Check a segment's files against the manifest: sizes, and sha256 with verify="full"
+        (the small .rec, which open reads whole, always). Raises on the first problem, or, given
+        `problems`, appends every one there; True when every file has its listed size."""
+        def report(message: str) -> None:
+            if problems is None:
+                raise BankError(message)
+            problems.append(message)
+
+        folder, sized = self._segment_folder(entry), True
         for kind, info in entry["files"].items():
             path = folder / f"{entry['name']}.{kind}"
             if not path.is_file():
-                raise BankError(f"segment file {path} listed in {self.path / MANIFEST_FILE} does "
-                                f"not exist")
-            size = path.stat().st_size
-            if size != info["bytes"]:
-                raise BankError(f"segment file {path} has {size} bytes, the manifest says "
-                                f"{info['bytes']}: it is truncated or corrupt")
-            if verify == "full" and file_sha256(path) != info["sha256"]:
-                raise BankError(f"segment file {path} does not match its sha256 in "
-                                f"{self.path / MANIFEST_FILE}: it is corrupt")
+                report(f"segment file {path} listed in {self.path / MANIFEST_FILE} does not exist")
+                sized = False
+            elif (size := path.stat().st_size) != info["bytes"]:
+                report(f"segment file {path} has {size} bytes, the manifest says "
+                       f"{info['bytes']}: it is truncated or corrupt")
+                sized = False
+            elif (verify == "full" or kind == "rec") and file_sha256(path) != info["sha256"]:
+                report(f"segment file {path} does not match its sha256 in "
+                       f"{self.path / MANIFEST_FILE}: it is corrupt")
+        return sized
 
     def _attach(self, entry: dict[str, Any]) -> None:
         """Add a committed (or about to be committed) segment to the row and memory maps."""
@@ -348,9 +360,6 @@ class MemoryStore:
                     self._keys[k.tobytes()] = entry["row_base"] + i
         if entry["memories"]:
             records = np.fromfile(segment.path("rec"), dtype=RECORD_DTYPE)
-            if hashlib.sha256(records.tobytes()).hexdigest() != entry["files"]["rec"]["sha256"]:
-                raise BankError(f"segment file {segment.path('rec')} does not match its sha256 "
-                                f"in {self.path / MANIFEST_FILE}: it is corrupt")
             rows = records["row"] + entry["row_base"]
             if len(rows) and (rows.min() < 0 or rows.max() >= self.n_rows):
                 raise BankError(f"segment {segment.path('rec')} names rows outside 0.."

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from memory3.files import file_sha256
 from memory3.memory.codec import load_codec
 from memory3.memory.index import ReferenceIndex
 from memory3.memory.store import (EMBEDDING_DTYPE, KEY_BYTES, MANIFEST_FILE, MEMORY_FILES,
@@ -26,16 +25,8 @@ def verify_bank(path: str | Path) -> tuple[list[str], dict[str, int]]:
     counts = {"files": 0, "rows": 0, "memories": 0}
     for entry in store.manifest["segments"]:
         segment = _Segment(store._segment_folder(entry), entry)
-        complete = True
-        for kind, info in entry["files"].items():
-            counts["files"] += 1
-            file = segment.path(kind)
-            if not file.is_file() or file.stat().st_size != info["bytes"]:
-                problems.append(f"{file}: missing or not {info['bytes']} bytes long")
-                complete = False
-            elif file_sha256(file) != info["sha256"]:
-                problems.append(f"{file} does not match its sha256 in {path / MANIFEST_FILE}")
-        if complete:  # records can be checked where every file has its size
+        counts["files"] += len(entry["files"])
+        if store._check_segment(entry, "full", problems):  # records need every file's size
             problems += _check_records(store, segment, entry, counts)
         segment.close()
     problems += _check_codec_and_index(store)
