@@ -183,6 +183,13 @@ class ContinualConfig:
     # projections: nearly free, and memory reading is learnt in hundreds of steps rather than
     # thousands; bench/RESULTS.md knowledge_reading) or "full" (the whole reference forward).
     encode_grad: str = "kv"
+    # Curriculum (issue 15, "memory copying taught directly"): this share of each batch's
+    # sequences reads, in every chunk, the references retrieved with that chunk's own text (the
+    # overlap filter still applies) instead of those of the chunks before it. Such reads hold what
+    # the chunk states, so reading pays at every fact; causal reads often hold what the previous
+    # chunk already said, too rarely useful to teach reading on their own. Evaluation and
+    # generation stay causal.
+    own_chunk_share: float = 0.0
 
 
 @dataclass
@@ -244,6 +251,9 @@ class Recipe:
             if c.encode_grad not in ("none", "kv", "full"):
                 raise ConfigError(f"continual.encode_grad must be none, kv or full, got "
                                   f"{c.encode_grad!r}")
+            if not 0 <= c.own_chunk_share <= 1:
+                raise ConfigError(f"continual.own_chunk_share must be within [0, 1], got "
+                                  f"{c.own_chunk_share}")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
                               f"({self.model.max_seq_len})")

@@ -244,6 +244,15 @@ def test_training_chunks_read_only_what_earlier_chunks_picked(tiny_data, tmp_pat
         for c in range(C):
             read = sorted(r for r in reads[b, c].tolist() if r >= 0)
             assert read == sorted(row[b, max(0, c - previous):c].tolist()), (b, c)
+    # The curriculum's share (the first sequences of the batch) reads chunks c-N+1 .. c instead.
+    phase.recipe.continual.own_chunk_share = 0.5
+    reads = phase.pick_references(x)
+    own = round(0.5 * B)
+    for b in range(B):
+        for c in range(C):
+            first = c + 1 if b < own else c
+            read = sorted(r for r in reads[b, c].tolist() if r >= 0)
+            assert read == sorted(row[b, max(0, first - previous):first].tolist()), (b, c)
 
 
 def test_continual_training_writes_back_memories_of_cold_references(warm_run, world_files,

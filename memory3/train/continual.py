@@ -71,6 +71,9 @@ class ContinualPhase(WarmupPhase):
         reads = np.full((B, C, N, n_new), -1, dtype=np.int64)
         for j in range(N):  # chunk ci reads the picks of chunk ci - 1 - j
             reads[:, j + 1:, j] = picked[:, :max(0, C - j - 1)]
+        own = round(c.own_chunk_share * B)  # the first sequences: deterministic, nothing to resume
+        for j in range(N):  # ... or, in the curriculum's share, of chunk ci - j
+            reads[:own, j:, j] = picked[:own, :C - j]
         return reads.reshape(B, C, N * n_new)
 
     # -- phase interface ------------------------------------------------------------------
