@@ -141,6 +141,18 @@ def test_tokenizer_special_ids_and_round_trip(tokenizer):
                              tokenizer.pad_id]) == "seven rivers"
 
 
+def test_token_bytes_count_the_text_each_token_decodes_to(tokenizer):
+    table = tokenizer.token_bytes()
+    assert table.shape == (tokenizer.vocab_size,) and (table[:5] == 0).all()
+    # Each token's bytes add up to the text's, whitespace runs and byte-fallback characters
+    # included; control tokens add nothing.
+    for text in ["The quiet river of memory.", "naïve café 東京 данные 😀 and ☃ never seen",
+                 "x  =  [1,\t2]  # spaces\n"]:
+        ids = tokenizer.encode(text)
+        assert table[ids].sum() == len(text.encode("utf-8")), text
+        assert table[[tokenizer.bos_id, *ids, tokenizer.eos_id]].sum() == table[ids].sum()
+
+
 def test_tokenizer_training_is_reproducible(tokenizer, corpus, tmp_path):
     again = train_tokenizer([corpus], tmp_path, 500, progress=False)
     assert again.sha256 == tokenizer.sha256

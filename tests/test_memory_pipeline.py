@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -115,8 +116,12 @@ def test_eval_modes_score_the_same_tokens(warm_run, bank_dir, world_files, tmp_p
     assert probe["length"] == 32 and probe["spans"] > 0 and probe["ratio"] > 0
     assert set(results) == {"none", "memory", "rag"}
     assert len({r["tokens"] for r in results.values()}) == 1
+    assert len({r["bytes"] for r in results.values()}) == 1
     for r in results.values():
         assert r["perplexity"] > 1 and r["tokens_per_s"] > 0
+        assert r["bytes"] > r["tokens"]
+        assert r["bits_per_byte"] == pytest.approx(
+            r["loss"] * r["tokens"] / math.log(2) / r["bytes"])
     assert results["memory"]["perplexity"] != results["none"]["perplexity"]
 
 

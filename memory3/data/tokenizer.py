@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
@@ -133,6 +134,16 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`, leaving out the special tokens (ids below N_SPECIAL)."""
         return self._sp.decode([int(i) for i in ids if int(i) >= N_SPECIAL])
+
+    def token_bytes(self) -> np.ndarray:
+        """(vocab_size,) int64: the UTF-8 bytes each token stands for in text (a piece's word
+        boundary counts as its space; a byte-fallback piece is one byte; control tokens none).
+        Bits per byte divide by these, so models with different tokenizers compare."""
+        sp = self._sp
+        return np.array([0 if sp.is_control(i) or sp.is_unknown(i) else
+                         1 if sp.is_byte(i) else
+                         len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+                         for i in range(self.vocab_size)], dtype=np.int64)
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"

@@ -59,7 +59,8 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, sequences: torch.Tensor,
              modes: Sequence[str] = ("none",), *, bank=None, batch_size: int = 8,
              encode_now: bool = False, reads_sink: bool = False,
              progress: bool = False) -> dict[str, dict]:
-    """{mode: {perplexity, loss, tokens, tokens_per_s, seconds}} for sequences (N, T + 1).
+    """{mode: {perplexity, loss, bits_per_byte, tokens, bytes, tokens_per_s, seconds}} for
+    sequences (N, T + 1).
 
     reads_sink: the model was trained reading memory (a continual checkpoint, see
     `trained_with_memory`): mode none reads the sink alone.
@@ -74,6 +75,9 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, sequences: torch.Tensor,
     model.eval()
     device = model.embed.weight.device
     sink = MemoryEncoder(model).sink_kv() if reads_sink else None
+    # Bits per byte: the nats of every predicted token (document ends too) over the bytes of
+    # text they decode to; comparable across tokenizers where perplexity is not.
+    text_bytes = int(tokenizer.token_bytes()[sequences[:, 1:].numpy()].sum())
     results = {}
     for mode in modes:
         start = time.perf_counter()
@@ -94,10 +98,12 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, sequences: torch.Tensor,
         seconds = time.perf_counter() - start
         loss = nll / count
         results[mode] = {"perplexity": math.exp(min(loss, 50.0)), "loss": loss,
-                         "tokens": int(count), "tokens_per_s": count / seconds,
-                         "seconds": seconds}
+                         "bits_per_byte": nll / math.log(2) / max(text_bytes, 1),
+                         "tokens": int(count), "bytes": text_bytes,
+                         "tokens_per_s": count / seconds, "seconds": seconds}
         if progress:
             print(f"{mode:>17}: perplexity {results[mode]['perplexity']:.3f}  "
+                  f"bits/byte {results[mode]['bits_per_byte']:.4f}  "
                   f"({results[mode]['tokens_per_s']:.0f} tokens/s)", flush=True)
     return results
 
