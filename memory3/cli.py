@@ -30,6 +30,9 @@ def cmd_train(args):
 
     recipe = Recipe.from_name(args.recipe).override(args.overrides)
     if args.dry_run:
+        if recipe.train.init_from.startswith("hf:"):
+            from memory3.hf.llama_import import recipe_for
+            recipe, _ = recipe_for(recipe)  # size the imported Llama's shape
         from memory3.train.dry_run import dry_run, format_report
         world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
         print(format_report(dry_run(recipe, world)))
@@ -96,6 +99,7 @@ def cmd_quickstart(args):
 
 def build_parser() -> argparse.ArgumentParser:
     from memory3.eval.cli import add_eval_parser, add_generate_parser
+    from memory3.hf.cli import add_export_parser, add_import_parser
     from memory3.memdec.cli import add_memdec_parser
     from memory3.memory.cli import add_bank_parser, add_build_bank_parser
 
@@ -103,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_quickstart, _add_train_tokenizer, _add_prepare_data, _add_train,
                 add_build_bank_parser, add_bank_parser, add_eval_parser, add_generate_parser,
-                add_memdec_parser):
+                add_memdec_parser, add_export_parser, add_import_parser):
         add(sub)
     return parser
 
@@ -111,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None):
     from memory3.config import ConfigError
     from memory3.data import DataError
+    from memory3.hf import HFError
     from memory3.memory.store import BankError
     from memory3.train.checkpoint import CheckpointError
 
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError, BankError) as e:
+    except (ConfigError, DataError, CheckpointError, BankError, HFError) as e:
         print(f"memory3 {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

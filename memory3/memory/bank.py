@@ -71,10 +71,10 @@ def checkpoint_encoder(path: str | Path) -> dict[str, Any]:
     """The encoder record of a checkpoint: {"id", "checkpoint", "step"}.
 
     The id is the resolved checkpoint folder, its step, and a digest of its memory3.json plus the
-    size, head and tail (1 MiB each) of its model-state files: cheap even for a 10 GB checkpoint,
-    and different whenever the weights are (a retrained run saved at the same path and step
-    included). A copy of the same checkpoint elsewhere gets another id, which only costs a
-    re-encode.
+    size, head and tail (1 MiB each) of its weight files (DeepSpeed's model states, or an exported
+    folder's model.safetensors): cheap even for a 10 GB checkpoint, and different whenever the
+    weights are (a retrained run saved at the same path and step included). A copy of the same
+    checkpoint elsewhere gets another id, which only costs a re-encode.
     """
     from memory3.train.checkpoint import INFO_FILE, resolve
 
@@ -82,7 +82,7 @@ def checkpoint_encoder(path: str | Path) -> dict[str, Any]:
     folder = (ckpt_dir / tag).resolve()
     info_bytes = (folder / INFO_FILE).read_bytes()
     digest = hashlib.sha256(info_bytes)
-    for state in sorted(folder.glob("*model_states.pt")):
+    for state in sorted([*folder.glob("*model_states.pt"), *folder.glob("*.safetensors")]):
         size = state.stat().st_size
         digest.update(f"{state.name}:{size}".encode())
         with open(state, "rb") as f:

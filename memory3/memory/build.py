@@ -70,6 +70,10 @@ def _barrier(world: int) -> None:
 def _tokenizer_for(recipe, tokenizer: PathLike | None, checkpoint: PathLike) -> Tokenizer:
     if tokenizer is not None:
         return Tokenizer(tokenizer)
+    from memory3.train.checkpoint import carried_tokenizer
+    carried = carried_tokenizer(checkpoint)  # an exported folder holds its own
+    if carried is not None:
+        return carried
     if not recipe.data.path:
         raise BankError(f"the recipe of checkpoint {checkpoint} names no data.path to find its "
                         f"tokenizer in; pass --tokenizer")

@@ -9,6 +9,11 @@ an interrupted save and is ignored, so a kill during a save resumes from the pre
 It also lists every file of the save with its size and sha256, checked before a resume or a load
 reads them: a damaged checkpoint stops with an error naming the file, never loads garbage weights.
 (Checkpoints saved before the list existed are read unchecked.)
+
+A folder written by `memory3 export` (or `memory3 import-hf`) is read as a checkpoint too: its
+memory3.json holds the same recipe and step plus `"format": EXPORT_FORMAT`, its weights are
+Hugging Face Llama tensors in model.safetensors and its tokenizer.model travels with it. So every
+command that takes --checkpoint, and train.init_from, accept an exported folder.
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ from memory3.train.distributed import barrier
 TAG_PREFIX = "step-"
 INFO_FILE = "memory3.json"
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's file of the weights (ZeRO stages 0-2)
+EXPORT_FORMAT, EXPORT_VERSION = "memory3-hf-export", 1
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_TOKENIZER = "tokenizer.model"
 
 
 class CheckpointError(ValueError):
@@ -114,11 +122,29 @@ def read_info(path: str | Path) -> dict[str, Any]:
     return json.loads((ckpt_dir / tag / INFO_FILE).read_text())
 
 
+def exported(info: dict[str, Any], folder: Path) -> bool:
+    """Whether `info` (a memory3.json) describes a folder written by `memory3 export`."""
+    if info.get("format") != EXPORT_FORMAT:
+        return False
+    if info.get("version") != EXPORT_VERSION:
+        raise CheckpointError(f"{folder / INFO_FILE} has export version {info.get('version')}, "
+                              f"this code reads version {EXPORT_VERSION}")
+    return True
+
+
 def load_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], Recipe, dict[str, Any]]:
     """Model weights of a checkpoint, gathered on the CPU whatever the ZeRO stage."""
     ckpt_dir, tag = resolve(path)
     info = json.loads((ckpt_dir / tag / INFO_FILE).read_text())
     recipe = Recipe.from_dict(info["recipe"])
+    if exported(info, ckpt_dir / tag):
+        # safetensors holds tensors only: nothing in the file is executed on load.
+        from safetensors.torch import load_file
+
+        from memory3.model.hf import from_llama_state_dict
+        check_files(ckpt_dir / tag, info, [EXPORT_WEIGHTS])
+        hf_state = load_file(ckpt_dir / tag / EXPORT_WEIGHTS)
+        return from_llama_state_dict(hf_state, recipe.model), recipe, info
     check_files(ckpt_dir / tag, info, None if recipe.train.zero_stage == 3
                 else [MODEL_STATES])
     if recipe.train.zero_stage == 3:
@@ -126,6 +152,8 @@ def load_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], Recipe, 
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag)
     else:
+        # A pickle (DeepSpeed's format): loading runs code from the file, so only checkpoints
+        # one trusts should be read (exported folders are safetensors and need no such trust).
         states = torch.load(ckpt_dir / tag / MODEL_STATES, map_location="cpu",
                             weights_only=False)
         state = states["module"]
@@ -146,13 +174,29 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     return model.to(device=device, dtype=dtype).eval(), recipe, info
 
 
+def carried_tokenizer(path: str | Path):
+    """The tokenizer an exported folder carries (checked against its memory3.json), else None."""
+    from memory3.data import Tokenizer
+
+    ckpt_dir, tag = resolve(path)
+    folder = ckpt_dir / tag
+    info = json.loads((folder / INFO_FILE).read_text())
+    if not exported(info, folder):
+        return None
+    check_files(folder, info, [EXPORT_TOKENIZER])
+    return Tokenizer(folder / EXPORT_TOKENIZER)
+
+
 def load_tokenizer(path: str | Path, tokenizer: str | Path | None = None):
-    """The tokenizer a checkpoint was trained with (found through its recipe's data.path), or
-    the given one."""
+    """The tokenizer a checkpoint was trained with (the one an exported folder carries, else found
+    through its recipe's data.path), or the given one."""
     from memory3.data import DataError, Tokenizer, load_manifest
 
     if tokenizer is not None:
         return Tokenizer(tokenizer)
+    carried = carried_tokenizer(path)
+    if carried is not None:
+        return carried
     recipe = Recipe.from_dict(read_info(path)["recipe"])
     try:
         return Tokenizer(load_manifest(recipe.data.path)["tokenizer"]["path"])

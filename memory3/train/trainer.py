@@ -45,6 +45,11 @@ class Trainer:
                  progress: bool = True):
         import deepspeed
 
+        self.imported = None  # the Hugging Face Llama of an init_from=hf:DIR
+        if recipe.train.init_from.startswith("hf:"):
+            from memory3.hf.llama_import import check_data_tokenizer, recipe_for
+            recipe, self.imported = recipe_for(recipe)  # the model's shape is the Llama's
+            check_data_tokenizer(self.imported, recipe.data.path)  # before the phase reads it
         self.recipe = recipe.validate()
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -80,6 +85,15 @@ class Trainer:
         import deepspeed
 
         init_from = self.recipe.train.init_from
+        if self.imported is not None and not (resume and checkpoint.latest_tag(self.ckpt_dir)):
+            from memory3.hf.llama_import import import_weights
+            model = Transformer(self.recipe.model)
+            model.load_state_dict(import_weights(self.imported))
+            if self.is_main:
+                notes = "; ".join(self.imported.vocab.notes) or "vocabulary unchanged"
+                print(f"initialised weights from {init_from} ({notes}; model "
+                      f"{self.recipe.model.n_params / 1e6:.1f}M parameters)")
+            return model
         if init_from and not (resume and checkpoint.latest_tag(self.ckpt_dir)):
             state, source, _ = checkpoint.load_state_dict(init_from)
             differ = source.model.weight_differences(self.recipe.model)
