@@ -12,7 +12,7 @@ from conftest import run_memory3
 from memory3.config import Recipe
 from memory3.data import Tokenizer
 from memory3.generate import generate
-from memory3.hf.export import ExportError, write_hf_folder
+from memory3.hf.export import ExportError, export_checkpoint, write_hf_folder
 from memory3.train.checkpoint import CheckpointError, load_model, load_tokenizer, read_info
 from memory3.train.metrics import read_metrics
 from memory3.train.trainer import train
@@ -132,8 +132,9 @@ def test_export_refuses_to_overwrite_and_token_shift(exported, run_dir, tmp_path
                        check=False)
     assert proc.returncode == 2 and "is not empty; pass --force" in proc.stderr
     before = (exported / "memory3.json").read_bytes()
-    run_memory3("export", "--checkpoint", str(run_dir), "--out", str(exported), "--force")
+    export_checkpoint(run_dir, exported, force=True)  # what --force does
     assert json.loads((exported / "memory3.json").read_bytes()) == json.loads(before)
+    assert not list(exported.parent.glob(".exported*"))  # the replaced export is gone
 
     recipe = Recipe.from_name("tiny-warmup").override(["model.token_shift=true"])
     from memory3.model import Transformer
