@@ -48,12 +48,19 @@ def cmd_train(args):
         dist.destroy_process_group()
 
 
+def _add_inputs(p):
+    from memory3.data.text import GLOB_HELP, INPUTS_HELP
+    p.add_argument("inputs", nargs="+", help=INPUTS_HELP)
+    p.add_argument("--glob", action="append", default=None, metavar="PATTERN", help=GLOB_HELP)
+    p.add_argument("--text-field", default="text",
+                   help="JSON Lines field or Parquet column holding the text")
+
+
 def _add_train_tokenizer(sub):
     p = sub.add_parser("train-tokenizer", help="train a sentencepiece BPE tokenizer on text")
-    p.add_argument("inputs", nargs="+", help="text / jsonl files or folders (.gz allowed)")
+    _add_inputs(p)
     p.add_argument("--out", required=True, help="folder to write tokenizer.model into")
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--text-field", default="text", help="jsonl field holding the text")
     p.add_argument("--max-sentences", type=int, default=2_000_000)
     p.set_defaults(func=cmd_train_tokenizer)
 
@@ -61,18 +68,17 @@ def _add_train_tokenizer(sub):
 def cmd_train_tokenizer(args):
     from memory3.data import train_tokenizer
     tok = train_tokenizer(args.inputs, args.out, args.vocab_size, text_field=args.text_field,
-                          max_sentences=args.max_sentences)
+                          max_sentences=args.max_sentences, glob=args.glob)
     print(f"tokenizer with {tok.vocab_size} tokens written to {tok.path}")
 
 
 def _add_prepare_data(sub):
     p = sub.add_parser("prepare-data", help="tokenize text into token shards (resumable)")
-    p.add_argument("inputs", nargs="+", help="text / jsonl files or folders (.gz allowed)")
+    _add_inputs(p)
     p.add_argument("--tokenizer", required=True, help="tokenizer.model or its folder")
     p.add_argument("--out", required=True, help="folder for shards and manifest.json")
     p.add_argument("--shard-tokens", type=int, default=2**24)
     p.add_argument("--valid-fraction", type=float, default=0.01)
-    p.add_argument("--text-field", default="text", help="jsonl field holding the text")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/valid document split")
     p.set_defaults(func=cmd_prepare_data)
 
@@ -80,7 +86,8 @@ def _add_prepare_data(sub):
 def cmd_prepare_data(args):
     from memory3.data import prepare_data
     prepare_data(args.inputs, args.tokenizer, args.out, shard_tokens=args.shard_tokens,
-                 valid_fraction=args.valid_fraction, text_field=args.text_field, seed=args.seed)
+                 valid_fraction=args.valid_fraction, text_field=args.text_field, seed=args.seed,
+                 glob=args.glob)
 
 
 def _add_quickstart(sub):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from memory3.config import ModelConfig, Recipe
-from memory3.data import DataError, Tokenizer, load_manifest
+from memory3.data import DataError, Tokenizer, iter_documents, load_manifest
 from memory3.data.synthetic import make_world, write_world
 from memory3.memory import BankError, MemoryBank, MemoryEncoder, build_bank, iter_references
 from memory3.memory.build import SLOW_SHARD_ENV, encode_in_batches
@@ -155,6 +155,35 @@ def test_compressed_build(checkpoint, knowledge, tmp_path, built):
     assert err < 0.02 * bf16.kv.float().abs().max(), err
     with pytest.raises(BankError, match="codec 'SQ8', not 'none'"):
         build_bank(checkpoint, [knowledge], tmp_path / "bank", progress=False)
+
+
+def test_build_from_code_and_parquet_with_globs(checkpoint, knowledge, tmp_path):
+    """`--glob` picks the .py files (each one document, read whole) and the Parquet file (one
+    document per row) out of a folder that also holds files the globs leave out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [d.text for d in iter_documents([knowledge])][:12]
+    folder = tmp_path / "kb"
+    (folder / "src").mkdir(parents=True)
+    for i, text in enumerate(texts[:6]):
+        (folder / "src" / f"m{i}.py").write_text(f"# module {i}\n\n{text}\n")
+    pq.write_table(pa.table({"text": texts[6:]}), folder / "rows.parquet", row_group_size=4)
+    (folder / "notes.txt").write_text("left out by the globs\n")
+    globs = ["*.py", "*.parquet"]
+    documents = [d.text for d in iter_documents([folder], glob=globs)]
+    assert documents == texts[6:] + [f"# module {i}\n\n{t}\n" for i, t in enumerate(texts[:6])]
+
+    out = tmp_path / "bank"
+    cli(*build_args(checkpoint, folder, out, "--glob", "*.py", "--glob", "*.parquet"))
+    refs = list(iter_references([folder], tokenizer_of(checkpoint), 128, glob=globs))
+    bank = MemoryBank.open(out)
+    build = bank.manifest["builds"][0]
+    assert build["settings"]["glob"] == globs and build["read_stats"]["documents"] == 12
+    assert len(bank) == len(refs)
+    assert [r.key for r in bank.references(list(range(len(refs))))] == [r.key for r in refs]
+    refused = cli(*build_args(checkpoint, folder / "src", tmp_path / "none"), check=False)
+    assert refused.returncode == 2 and "--glob '*.py'" in refused.stderr
 
 
 def test_bad_input_fails_clearly_and_damages_nothing(built, checkpoint, knowledge, tmp_path):

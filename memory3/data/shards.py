@@ -45,8 +45,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from memory3.data.text import (DataError, PathLike, ReadStats, iter_documents, list_files,
-                               require_documents)
+from memory3.data.text import (DataError, Glob, PathLike, ReadStats, globs, iter_documents,
+                               list_files, require_documents)
 from memory3.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from memory3.files import file_sha256, hold_write_lock, read_manifest, write_atomic
 
@@ -211,7 +211,8 @@ def _start_or_resume(out_dir: Path, settings: dict, tokenizer: Tokenizer) -> dic
         manifest = load_manifest(out_dir)
         old = {"tokenizer sha256": manifest["tokenizer"]["sha256"], **manifest["settings"]}
         new = {"tokenizer sha256": tokenizer.sha256, **settings}
-        changed = [k for k in new if old.get(k) != new[k]]
+        # Both ways: a setting only recorded when used (glob) must not vanish unnoticed.
+        changed = [k for k in {**old, **new} if old.get(k) != new.get(k)]
         if changed:
             raise DataError(f"{out_dir} was prepared with a different {', '.join(changed)} "
                             f"(see {manifest_path}); use a fresh output directory")
@@ -236,10 +237,11 @@ def _start_or_resume(out_dir: Path, settings: dict, tokenizer: Tokenizer) -> dic
 
 def prepare_data(inputs: Sequence[PathLike], tokenizer_path: PathLike, out_dir: PathLike, *,
                  shard_tokens: int = 2**24, valid_fraction: float = 0.01, text_field: str = "text",
-                 seed: int = 0, progress: bool = True) -> dict:
+                 seed: int = 0, glob: Glob = None, progress: bool = True) -> dict:
     """Tokenize the documents of `inputs` into train/valid shards in `out_dir`; return the manifest.
 
-    Resumable: after an interruption, run it again with the same arguments.
+    glob: file-name patterns; folders then yield the matching files, each text file one document
+    (memory3.data.text). Resumable: after an interruption, run it again with the same arguments.
     """
     if shard_tokens <= 0:
         raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
@@ -247,13 +249,16 @@ def prepare_data(inputs: Sequence[PathLike], tokenizer_path: PathLike, out_dir: 
         raise DataError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     out_dir = Path(out_dir)
     tokenizer = Tokenizer(tokenizer_path)
-    files = list_files(inputs)
+    patterns = globs(glob)
+    files = list_files(inputs, patterns)
     probe = ReadStats()
-    next(iter_documents(files, text_field, probe), None)
+    next(iter_documents(files, text_field, probe, patterns), None)
     require_documents(probe, inputs)
     settings = {"inputs": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
                 "text_field": text_field, "shard_tokens": shard_tokens,
                 "valid_fraction": valid_fraction, "seed": seed}
+    if patterns:  # recorded only when used, so manifests made before globs existed still resume
+        settings["glob"] = list(patterns)
 
     # Before anything is read or cleaned up: a second writer would delete the first's open shards.
     with hold_write_lock(out_dir, DataError):
@@ -278,7 +283,7 @@ def _prepare(files: list[Path], tokenizer: Tokenizer, out_dir: Path, settings: d
     stats = ReadStats()
     held: tuple[int, str, str] | None = None  # the latest document, placed when the next comes
     n_documents = 0
-    documents = iter_documents(files, text_field, stats)
+    documents = iter_documents(files, text_field, stats, settings.get("glob"))
     for position, doc in enumerate(tqdm(documents, unit=" docs", desc=f"prepare {out_dir}",
                                         disable=not progress)):
         n_documents = position + 1
@@ -297,7 +302,7 @@ def _prepare(files: list[Path], tokenizer: Tokenizer, out_dir: Path, settings: d
 
 
 def _print_summary(out_dir: Path, manifest: dict, stats: ReadStats, progress: bool) -> None:
-    if not (progress or stats.undecodable_lines or stats.bad_json_lines):
+    if not (progress or stats.skipped_anything()):
         return
     splits = ", ".join(f"{name} {s['tokens']:,} tokens in {len(s['shards'])} shards "
                        f"({s['documents']:,} documents)" for name, s in manifest["splits"].items())
@@ -307,6 +312,11 @@ def _print_summary(out_dir: Path, manifest: dict, stats: ReadStats, progress: bo
     if stats.bad_json_lines:
         print(f"skipped {stats.bad_json_lines} JSON lines without a string "
               f"{manifest['settings']['text_field']!r} field")
+    if stats.null_texts:
+        print(f"skipped {stats.null_texts} null Parquet texts")
+    if stats.binary_files:
+        print(f"skipped {stats.binary_files} binary files (they hold NUL bytes): "
+              f"{', '.join(stats.binary_file_names[:3])}")
 
 
 class TokenShards:

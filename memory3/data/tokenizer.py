@@ -20,8 +20,8 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from memory3.data.text import (DataError, Document, PathLike, ReadStats, iter_documents,
-                               list_files, require_documents)
+from memory3.data.text import (DataError, Document, Glob, PathLike, ReadStats, globs,
+                               iter_documents, list_files, require_documents)
 from memory3.files import write_atomic
 
 MODEL_FILE = "tokenizer.model"
@@ -38,23 +38,31 @@ MAX_SENTENCE_BYTES = 16384
 MAX_SENTENCE_CHARS = MAX_SENTENCE_BYTES // 4
 
 
-def _training_lines(documents: Iterable[Document], progress: bool) -> Iterator[str]:
+def _training_lines(documents: Iterable[Document], progress: bool,
+                    read_errors: list[DataError]) -> Iterator[str]:
     with tqdm(desc="tokenizer input", unit=" lines", disable=not progress) as bar:
-        for doc in documents:
-            for line in doc.text.splitlines():
-                if line.strip():
-                    bar.update()
-                    yield line[:MAX_SENTENCE_CHARS]
+        try:
+            for doc in documents:
+                for line in doc.text.splitlines():
+                    if line.strip():
+                        bar.update()
+                        yield line[:MAX_SENTENCE_CHARS]
+        except DataError as e:
+            # sentencepiece turns it into a RuntimeError with a traceback in its text; the caller
+            # raises this one instead.
+            read_errors.append(e)
+            raise
 
 
 def train_tokenizer(inputs: Sequence[PathLike], out_dir: PathLike, vocab_size: int, *,
                     text_field: str = "text", max_sentences: int = 2_000_000, seed: int = 0,
-                    progress: bool = True) -> Tokenizer:
+                    glob: Glob = None, progress: bool = True) -> Tokenizer:
     """Train a BPE tokenizer on the documents of `inputs`; write out_dir/tokenizer.model (+ .vocab).
 
     The whole input is read once, line by line; sentencepiece keeps a uniform sample of
     `max_sentences` lines (seeded), so every file counts, not just the first. To train faster on a
-    huge corpus, pass a subset of its files.
+    huge corpus, pass a subset of its files. glob: file-name patterns selecting files, each read
+    whole as one document (memory3.data.text).
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise DataError(f"vocab_size {vocab_size} is too small: byte fallback needs 256 byte "
@@ -64,14 +72,18 @@ def train_tokenizer(inputs: Sequence[PathLike], out_dir: PathLike, vocab_size: i
         raise DataError(f"max_sentences must be more than 100, got {max_sentences}")
     out_dir = Path(out_dir)
     stats = ReadStats()
-    documents = iter_documents(list_files(inputs), text_field, stats)  # list_files raises early
+    patterns = globs(glob)
+    documents = iter_documents(list_files(inputs, patterns), text_field, stats,  # raises early
+                               patterns)
     # The model comes back in memory: written via model_prefix it would record that (temporary)
     # path, and the same inputs would not give the same bytes, hence not the same sha256.
     model = io.BytesIO()
+    read_errors: list[DataError] = []
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(documents, progress), model_writer=model,
+            sentence_iterator=_training_lines(documents, progress, read_errors),
+            model_writer=model,
             model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
             character_coverage=0.9995, normalization_rule_name="identity",
             remove_extra_whitespaces=False, add_dummy_prefix=False, pad_id=PAD_ID, unk_id=UNK_ID,
@@ -79,6 +91,8 @@ def train_tokenizer(inputs: Sequence[PathLike], out_dir: PathLike, vocab_size: i
             input_sentence_size=max_sentences, shuffle_input_sentence=True,
             max_sentence_length=MAX_SENTENCE_BYTES, num_threads=2, minloglevel=2)
     except RuntimeError as e:
+        if read_errors:
+            raise read_errors[0] from None
         require_documents(stats, inputs)
         # sentencepiece prefixes the useful sentence with its source location
         reason = re.sub(r"^.*\]\s*", "", str(e))
@@ -90,7 +104,7 @@ def train_tokenizer(inputs: Sequence[PathLike], out_dir: PathLike, vocab_size: i
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / VOCAB_FILE, vocab.encode())
     write_atomic(out_dir / MODEL_FILE, model.getvalue())
-    if progress or stats.undecodable_lines or stats.bad_json_lines:
+    if progress or stats.skipped_anything():
         print(f"tokenizer: {stats.summary()}; wrote {out_dir / MODEL_FILE} "
               f"(vocab_size {vocab_size})")
     return Tokenizer(out_dir)

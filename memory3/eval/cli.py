@@ -34,15 +34,18 @@ def _common(p):
 
 
 def add_eval_parser(sub):
+    from memory3.data.text import GLOB_HELP, INPUTS_HELP
     p = sub.add_parser("eval", help="perplexity with and without memory, and with text RAG")
     _common(p)
-    p.add_argument("--data", nargs="+", required=True, help="text / jsonl files or folders")
+    p.add_argument("--data", nargs="+", required=True, help=INPUTS_HELP)
+    p.add_argument("--glob", action="append", default=None, metavar="PATTERN", help=GLOB_HELP)
     p.add_argument("--modes", default="none,memory,rag",
                    help="comma list of none, memory, rag, memory_own_chunk (an upper bound)")
     p.add_argument("--seq-len", type=int, help="default: the checkpoint's data.seq_len")
     p.add_argument("--max-sequences", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--text-field", default="text")
+    p.add_argument("--text-field", default="text",
+                   help="JSON Lines field or Parquet column holding the text")
     p.add_argument("--copy-probe", type=int, default=0, metavar="LENGTH",
                    help="also run the copy probe (eval/copying.py) on the first LENGTH tokens of "
                         "up to 64 documents of --data, each fed twice: loss on the second copy "
@@ -55,7 +58,8 @@ def cmd_eval(args):
     from memory3.eval.perplexity import evaluate, text_sequences, trained_with_memory
     model, recipe, tokenizer, bank = _load(args)
     seqs = text_sequences(args.data, tokenizer, args.seq_len or recipe.data.seq_len,
-                          max_sequences=args.max_sequences, text_field=args.text_field)
+                          max_sequences=args.max_sequences, text_field=args.text_field,
+                          glob=args.glob)
     print(f"{len(seqs)} sequences of {seqs.shape[1] - 1} tokens from {', '.join(args.data)}")
     results = evaluate(model, tokenizer, seqs, args.modes.split(","), bank=bank,
                        batch_size=args.batch_size, encode_now=bool(args.bank and args.encode_now),
@@ -63,8 +67,8 @@ def cmd_eval(args):
     if args.copy_probe:
         from memory3.data import iter_documents
         from memory3.eval.copying import copy_probe, document_spans
-        docs = (tokenizer.encode(d.text) for d in iter_documents(args.data,
-                                                                  text_field=args.text_field))
+        docs = (tokenizer.encode(d.text) for d in iter_documents(
+            args.data, text_field=args.text_field, glob=args.glob))
         spans = document_spans(docs, args.copy_probe, max_spans=64)
         if not spans:
             raise SystemExit(f"--copy-probe: no document of {', '.join(args.data)} has "

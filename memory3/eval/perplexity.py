@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from memory3.data import Tokenizer, iter_documents, require_documents
-from memory3.data.text import ReadStats
+from memory3.data.text import Glob, ReadStats
 from memory3.memory.encoder import MemoryEncoder
 from memory3.memory.overlap import EVAL_OVERLAP
 from memory3.generate import rag_inputs, rag_references
@@ -35,12 +35,14 @@ MODES = ("none", "memory", "rag", "memory_own_chunk")
 
 
 def text_sequences(paths: Sequence[str | Path], tokenizer: Tokenizer, seq_len: int, *,
-                   max_sequences: int | None = None, text_field: str = "text") -> torch.Tensor:
-    """Documents of text/jsonl inputs as [BOS] doc [EOS] ..., cut into (N, seq_len + 1) rows."""
+                   max_sequences: int | None = None, text_field: str = "text",
+                   glob: Glob = None) -> torch.Tensor:
+    """Documents of the inputs (memory3.data.text) as [BOS] doc [EOS] ..., cut into
+    (N, seq_len + 1) rows."""
     stats = ReadStats()
     stream: list[int] = []
     need = None if max_sequences is None else max_sequences * (seq_len + 1)
-    for doc in iter_documents(paths, text_field=text_field, stats=stats):
+    for doc in iter_documents(paths, text_field=text_field, stats=stats, glob=glob):
         stream += [tokenizer.bos_id, *tokenizer.encode(doc.text), tokenizer.eos_id]
         if need is not None and len(stream) >= need:
             break

@@ -33,8 +33,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from memory3.data.shards import load_manifest as load_data_manifest
-from memory3.data.text import (DataError, PathLike, ReadStats, iter_documents, list_files,
-                               require_documents)
+from memory3.data.text import (DataError, Glob, PathLike, ReadStats, globs, iter_documents,
+                               list_files, require_documents)
 from memory3.data.tokenizer import PAD_ID, REF_BOS_ID, Tokenizer
 from memory3.memory.bank import MemoryBank, checkpoint_encoder
 from memory3.memory.encoder import EncodedMemories, MemoryEncoder
@@ -98,11 +98,14 @@ def encode_in_batches(encoder: MemoryEncoder, refs: Sequence[Reference], batch_s
                            torch.cat([p.positions for p in parts]))
 
 
-def _settings(files: list[Path], text_field: str, tokenizer: Tokenizer,
-              reference_len: int) -> dict[str, Any]:
-    return {"inputs": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
-            "text_field": text_field, "tokenizer_sha256": tokenizer.sha256,
-            "reference_len": reference_len}
+def _settings(files: list[Path], text_field: str, tokenizer: Tokenizer, reference_len: int,
+              patterns: tuple[str, ...]) -> dict[str, Any]:
+    settings = {"inputs": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
+                "text_field": text_field, "tokenizer_sha256": tokenizer.sha256,
+                "reference_len": reference_len}
+    if patterns:  # recorded only when used, so builds made before globs existed still resume
+        settings["glob"] = list(patterns)
+    return settings
 
 
 def _open_or_create(out: Path, model_cfg, embedder: str | None, codec: str | None,
@@ -196,11 +199,14 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
                embedder: str | None = None, codec: str | None = None, index: str | None = None,
                batch_size: int = 32, shard_memories: int = 1024, text_field: str = "text",
                tokenizer: PathLike | None = None, device: str | None = None,
-               shard_dir: PathLike | None = None, progress: bool = True) -> dict[str, Any]:
+               shard_dir: PathLike | None = None, glob: Glob = None,
+               progress: bool = True) -> dict[str, Any]:
     """Build (or resume, or extend) the memory bank `out` from the documents of `knowledge`.
 
     Returns the bank's stats plus this run's counts. See the module docstring for resume and
     multi-rank builds. shard_dir: where this run writes its segments (default BANK/shards).
+    glob: file-name patterns selecting the knowledge files, each text file one document
+    (memory3.data.text).
     """
     from memory3.train.checkpoint import load_model
 
@@ -221,11 +227,12 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
     if tok.vocab_size > model_cfg.vocab_size:
         raise BankError(f"tokenizer {tok.path} has {tok.vocab_size} tokens, more than the "
                         f"checkpoint's vocab_size {model_cfg.vocab_size}: not its tokenizer")
-    files = list_files(knowledge)
+    patterns = globs(glob)
+    files = list_files(knowledge, patterns)
     probe = ReadStats()
-    next(iter_documents(files, text_field, probe), None)
+    next(iter_documents(files, text_field, probe, patterns), None)
     require_documents(probe, knowledge)  # an empty knowledge base fails before any work
-    settings = _settings(files, text_field, tok, model_cfg.reference_len)
+    settings = _settings(files, text_field, tok, model_cfg.reference_len, patterns)
     reference_len = model_cfg.reference_len
 
     # Rank 0 makes or opens the bank (cleaning a killed run's files), registers the encoder and
@@ -237,7 +244,8 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
         if not build["complete"] and not bank.codec.trained:
             sample_refs = [r for _, r in zip(range(CODEC_TRAIN_REFERENCES),
                                              iter_references(files, tok, reference_len,
-                                                             text_field=text_field))]
+                                                             text_field=text_field,
+                                                             glob=patterns))]
             bank.train_codec(encode_in_batches(encoder, sample_refs, batch_size, reference_len))
     _barrier(world)
     if rank != 0:
@@ -253,7 +261,7 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
     stats = ReadStats()
     start = build["next_reference"][rank]
     mine = _my_references(iter_references(files, tok, reference_len, text_field=text_field,
-                                          stats=stats), rank, world, start)
+                                          stats=stats, glob=patterns), rank, world, start)
     writer = f"r{rank:03d}"
     segment_number = int(bank.store.next_segment_name(writer).rsplit("-", 1)[1])
     added: set[bytes] = set()
@@ -303,7 +311,7 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
               f"{summary['kv_bytes_per_memory']:,} bytes per memory "
               f"({summary['record_bytes_per_memory']:,} with positions and record); "
               f"codec {summary['codec']}, index {summary['index']['factory']}")
-        if stats.undecodable_lines or stats.bad_json_lines:
+        if stats.skipped_anything():
             print(stats.summary())
     _barrier(world)
     bank.close()

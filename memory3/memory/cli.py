@@ -51,10 +51,12 @@ def cmd_bank_verify(args: argparse.Namespace) -> None:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from memory3.data.text import GLOB_HELP, INPUTS_HELP
+
     p.add_argument("--checkpoint", required=True,
                    help="run directory, its checkpoints/ folder or one step-* folder")
-    p.add_argument("--knowledge", required=True, nargs="+",
-                   help="text / jsonl files or folders (.gz allowed)")
+    p.add_argument("--knowledge", required=True, nargs="+", help=INPUTS_HELP)
+    p.add_argument("--glob", action="append", default=None, metavar="PATTERN", help=GLOB_HELP)
     p.add_argument("--out", required=True, help="bank folder (created, resumed or extended)")
     p.add_argument("--embedder", default=None,
                    help="hashing[:dim] (default hashing:512 for a new bank) or st:<local "
@@ -68,7 +70,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="references per encoder batch")
     p.add_argument("--shard-memories", type=int, default=1024,
                    help="memories per shard (= per commit)")
-    p.add_argument("--text-field", default="text", help="jsonl field holding the text")
+    p.add_argument("--text-field", default="text",
+                   help="JSON Lines field or Parquet column holding the text")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.model or its folder (default: the one the checkpoint's "
                         "training data was prepared with)")
@@ -88,7 +91,7 @@ def cmd_build_bank(args: argparse.Namespace) -> None:
                    codec=args.codec, index=args.index, batch_size=args.batch_size,
                    shard_memories=args.shard_memories, text_field=args.text_field,
                    tokenizer=args.tokenizer, device=args.device, shard_dir=args.shard_dir,
-                   progress=not args.no_progress)
+                   glob=args.glob, progress=not args.no_progress)
     except BankError as e:  # memory3.cli reports its own error types; this one is ours
         print(f"memory3 build-bank: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memory3.data.text import Document, PathLike, ReadStats, iter_documents, require_documents
+from memory3.data.text import (Document, Glob, PathLike, ReadStats, iter_documents,
+                               require_documents)
 from memory3.data.tokenizer import Tokenizer
 
 SENTENCE_MARKS = (".", "!", "?")
@@ -97,14 +98,14 @@ def split_document(doc: Document, token_ids: Sequence[int], reference_len: int =
 
 def iter_references(paths: Sequence[PathLike], tokenizer: Tokenizer, reference_len: int = 128, *,
                     text_field: str = "text", stats: ReadStats | None = None,
-                    batch_size: int = 256) -> Iterator[Reference]:
+                    batch_size: int = 256, glob: Glob = None) -> Iterator[Reference]:
     """The references of every document in `paths` (files or folders), in reading order.
 
     Documents are tokenized `batch_size` at a time (sentencepiece runs a batch on several threads).
     Raises DataError, after reading everything, if the input holds no document at all.
     """
     stats = ReadStats() if stats is None else stats
-    documents = iter_documents(paths, text_field, stats)
+    documents = iter_documents(paths, text_field, stats, glob)
     while batch := list(itertools.islice(documents, batch_size)):
         for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
             yield from split_document(doc, ids, reference_len, tokenizer=tokenizer)
