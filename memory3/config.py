@@ -215,8 +215,9 @@ class TrainConfig:
     save_every: int = 50
     keep_last: int = 2
     log_every: int = 1
-    # Start from these weights (a run dir or checkpoint) instead of a fresh init; the optimizer
-    # and schedule start fresh. Ignored once the run has checkpoints of its own (resume wins).
+    # Start from these weights (a run dir, a checkpoint, a `memory3 export` folder, or
+    # "hf:DIR", a Hugging Face Llama folder) instead of a fresh init; the optimizer and schedule
+    # start fresh. Ignored once the run has checkpoints of its own (resume wins).
     init_from: str = ""
     # Extra DeepSpeed config entries merged over the generated dict (e.g. offload settings).
     deepspeed: dict[str, Any] = field(default_factory=dict)
