@@ -6,8 +6,8 @@ Formats, chosen by file name (a trailing ".gz" means gzip, ".zst" means zstandar
   that are not JSON objects with a string text field (of valid Unicode) are counted and skipped.
   A ``.json`` file is read as JSON Lines too (as most corpus dumps named so are); a file holding a
   single JSON array is not supported.
-- ``.parquet``: the document is the text field's column (a string or binary column; null rows are
-  counted and skipped). Parquet compresses inside the file, so no ".gz"/".zst" on top.
+- ``.parquet``: one document per row, the value in the text field's column (a string or binary
+  column; nulls are counted and skipped). Parquet compresses inside the file, so no ".gz"/".zst".
 
 With a glob (`--glob '*.py'`, several allowed), a folder yields the files whose names match it, at
 any depth, and each matching text file is ONE document, read whole: a source file split at blank
@@ -18,7 +18,8 @@ checkout reads its code, not its tooling. Without a glob, folders yield the file
 above.
 
 Everything streams: compressed files are decompressed chunk by chunk and Parquet files read a batch
-of rows at a time, so memory holds a batch, never a whole file (a whole-file document excepted).
+of rows at a time through a small buffer (not a row group at once), so memory holds a batch, never
+a whole file (a whole-file document excepted).
 
 Every line (or Parquet value) is decoded as strict UTF-8 on its own, so one bad line costs that line
 only: it is counted in `ReadStats` and skipped, never fatal, because a multi-GB corpus with a few
@@ -43,8 +44,11 @@ JSON_LINES_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = PARAGRAPH_SUFFIXES + JSON_LINES_SUFFIXES + PARQUET_SUFFIXES
 COMPRESSED_SUFFIXES = (".gz", ".zst")
-# Compressed bytes read per step. Text expands ~3-10x, so a step holds a few MB at most.
+# Bytes read from a file per step (the Parquet column buffer, the zstd line buffer).
 READ_CHUNK_BYTES = 1 << 18
+# Compressed zstd bytes decompressed per step: the output of one step is held whole, and text
+# expands ~3-10x (1 MB at most then; a pathological 1000x file would still stay at 64 MB).
+ZSTD_INPUT_BYTES = 1 << 16
 # Parquet rows per batch: documents run to 100 KB and more, and 65,536 rows (pyarrow's default)
 # of those would hold gigabytes.
 PARQUET_BATCH_ROWS = 256
@@ -236,7 +240,7 @@ def _zstd_chunks(raw: BinaryIO) -> Iterator[bytes]:
 
     context = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
     frame, inside = context.decompressobj(), False
-    while chunk := raw.read(READ_CHUNK_BYTES):
+    while chunk := raw.read(ZSTD_INPUT_BYTES):
         while chunk:
             out = frame.decompress(chunk)
             inside = True
@@ -320,7 +324,9 @@ def _parquet_texts(path: Path, text_field: str, source: str, stats: ReadStats) -
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
+    # buffer_size: read column chunks through a small buffer. Without it pyarrow reads a whole
+    # row group's column at once, and row groups of hundreds of MB are common.
+    parquet = pq.ParquetFile(path, buffer_size=READ_CHUNK_BYTES, pre_buffer=False)
     schema = parquet.schema_arrow
     if text_field not in schema.names:
         raise DataError(f"{path}: no column {text_field!r}; it has columns "
