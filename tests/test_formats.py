@@ -322,3 +322,15 @@ def test_resume_with_another_glob_is_refused(tokenizer, tmp_path):
     paragraphs = prepare_data([tmp_path / "in"], tokenizer.path, tmp_path / "p", valid_fraction=0,
                               progress=False)
     assert paragraphs["splits"]["train"]["documents"] == 2
+
+
+def test_eval_sequences_read_a_glob(code_repo, tokenizer):
+    """`memory3 eval --data REPO --glob '*.py'` scores the same whole-file documents."""
+    from memory3.eval.perplexity import text_sequences
+
+    repo, expected = code_repo
+    stream = [t for name in sorted(expected)
+              for t in (tokenizer.bos_id, *tokenizer.encode(expected[name]), tokenizer.eos_id)]
+    seqs = text_sequences([repo], tokenizer, 15, glob="*.py")
+    n = len(stream) // 16
+    assert seqs.shape == (n, 16) and seqs.flatten().tolist() == stream[:n * 16]
