@@ -10,10 +10,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import tomllib
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+# tomllib is in the standard library from 3.11; tomli is the same parser for 3.10 (pyproject pins it there).
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - only on 3.10
+    import tomli as tomllib
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
