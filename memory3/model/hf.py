@@ -48,6 +48,7 @@ def to_llama_config(cfg: ModelConfig, **overrides: Any):
         max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
         # Plain rotary: no scaling (linear/dynamic/yarn/llama3 would change the frequencies).
+        # rope_parameters is the transformers >= 5.0 spelling (the dev extra requires it).
         rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
         tie_word_embeddings=cfg.tie_embeddings,
         attention_bias=False,
