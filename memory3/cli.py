@@ -34,6 +34,10 @@ def cmd_train(args):
             from memory3.hf.llama_import import recipe_for
             recipe, _ = recipe_for(recipe)  # size the imported Llama's shape
         from memory3.train.dry_run import dry_run, format_report
+        from memory3.train.phases import fit_vocab_to_data
+        recipe, vocab_note = fit_vocab_to_data(recipe)  # size the vocabulary training would build
+        if vocab_note:
+            print(vocab_note)
         world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
         print(format_report(dry_run(recipe, world)))
         return

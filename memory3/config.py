@@ -241,6 +241,12 @@ class Recipe:
     memdec: MemDecConfig = field(default_factory=MemDecConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
 
+    # Whether the recipe file or an override wrote model.vocab_size (a preset's value does not
+    # count): when not, training sizes the vocabulary to the data's tokenizer
+    # (memory3/train/phases.py fit_vocab_to_data). A plain class attribute, not a field, so it
+    # stays out of to_dict() and checkpoints; True unless from_dict/override learn otherwise.
+    vocab_size_explicit = True
+
     def validate(self) -> "Recipe":
         self.model.validate()
         from memory3.train.phases import PHASES
@@ -309,6 +315,7 @@ class Recipe:
                                   if k not in SECTIONS}, "recipe")
         recipe.model = (ModelConfig.from_name(preset, **model) if preset
                         else ModelConfig.from_dict(model))
+        recipe.vocab_size_explicit = "vocab_size" in model
         for section, typ in SECTIONS.items():
             setattr(recipe, section, _from_dict(typ, d.get(section, {}), section))
         return recipe.validate()
@@ -344,10 +351,12 @@ class Recipe:
     def override(self, assignments: list[str]) -> "Recipe":
         """Apply `section.field=value` strings (values parsed as JSON, else kept as strings)."""
         d = self.to_dict()
+        vocab_size_explicit = self.vocab_size_explicit  # to_dict() writes every field
         for item in assignments:
             key, sep, raw = item.partition("=")
             if not sep:
                 raise ConfigError(f"override {item!r} must look like section.field=value")
+            vocab_size_explicit = vocab_size_explicit or key == "model.vocab_size"
             try:
                 value = json.loads(raw)
             except json.JSONDecodeError:
@@ -365,7 +374,9 @@ class Recipe:
             if leaf not in node and not free_form:
                 raise ConfigError(f"override {item!r}: unknown field {key!r}")
             node[leaf] = value
-        return Recipe.from_dict(d)
+        recipe = Recipe.from_dict(d)
+        recipe.vocab_size_explicit = vocab_size_explicit
+        return recipe
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,

@@ -52,6 +52,19 @@ def test_recipe_from_file_and_overrides(tmp_path):
         "stage": 1, "offload_optimizer": {"device": "cpu"}}
 
 
+def test_vocab_size_is_explicit_only_when_written(tmp_path):
+    """Training sizes the vocabulary to the data unless the recipe file or an override wrote
+    model.vocab_size (memory3/train/phases.py fit_vocab_to_data); a preset's value does not count."""
+    shipped = Recipe.from_name("tiny-warmup")
+    assert not shipped.vocab_size_explicit
+    assert not shipped.override(["model.n_layers=3", "data.path=/x"]).vocab_size_explicit
+    assert shipped.override(["model.vocab_size=640"]).vocab_size_explicit
+    path = tmp_path / "mine.toml"
+    path.write_text('[model]\npreset = "tiny"\nvocab_size = 640\n')
+    assert Recipe.from_name(str(path)).override(["train.max_steps=3"]).vocab_size_explicit
+    assert "vocab_size_explicit" not in shipped.to_dict()  # not written into checkpoints
+
+
 @pytest.mark.parametrize("assignment, message", [
     ("train.max_step=3", "unknown field 'train.max_step'"),
     ("train.max_steps=abc", "train.max_steps must be a number"),

@@ -190,3 +190,38 @@ def test_a_second_run_on_the_same_directory_is_refused(tiny_data, tmp_path):
 def test_vocab_too_small_for_tokenizer_is_refused(tiny_data, tmp_path):
     proc = run_memory3(*_train_args(tiny_data, tmp_path, "model.vocab_size=256"), check=False)
     assert proc.returncode == 2 and "model.vocab_size" in proc.stderr
+
+
+def test_vocab_follows_the_tokenizer_unless_set(tiny_data, tmp_path, capsys):
+    """tiny-warmup (preset vocabulary 512) on shards of a 700-token tokenizer trains a 704-token
+    model (the next multiple of 64) and says so; a run started from it keeps 704 on other data;
+    a model.vocab_size set below the tokenizer is still refused."""
+    from memory3.data import prepare_data, train_tokenizer
+    from memory3.data.synthetic import make_world, write_world
+    files = write_world(make_world(seed=1, n_entities=60), tmp_path / "corpus")
+    tok = train_tokenizer([files["corpus"]], tmp_path / "tokenizer", 700, progress=False)
+    assert tok.vocab_size == 700
+    shards = tmp_path / "shards"
+    prepare_data([files["corpus"]], tok.path, shards, valid_fraction=0.05, progress=False)
+
+    short = ["train.max_steps=2", "train.eval_every=100", "train.save_every=100"]
+    recipe = Recipe.from_name("tiny-warmup").override([f"data.path={shards}", *short])
+    assert recipe.model.vocab_size == 512  # the preset's, until training reads the data
+    train(recipe, tmp_path / "run", progress=False)
+    assert ("model.vocab_size 704 (preset 'tiny' has 512) follows the 700-token tokenizer of "
+            f"{shards}, rounded up to a multiple of 64" in capsys.readouterr().out)
+    model, trained, _ = load_model(tmp_path / "run")
+    assert trained.model.vocab_size == 704 and model.lm_head.weight.shape[0] == 704
+    assert recipe.model.vocab_size == 512  # the caller's recipe is left as it was
+
+    # A continual-style start from that run on the 512-token shards: the weights decide.
+    follow = Recipe.from_name("tiny-warmup").override(
+        [f"data.path={tiny_data}", f"train.init_from={tmp_path / 'run'}", *short])
+    train(follow, tmp_path / "follow", progress=False)
+    assert "follows the weights of train.init_from" in capsys.readouterr().out
+    assert read_info(tmp_path / "follow")["recipe"]["model"]["vocab_size"] == 704
+
+    explicit = recipe.override(["model.vocab_size=640"])
+    with pytest.raises(ConfigError, match=r"has 700 tokens but model.vocab_size is 640 \(set in "
+                                          r"the recipe or an override\)"):
+        train(explicit, tmp_path / "explicit", progress=False)

@@ -6,6 +6,7 @@ Memory Decoder distillation) plug in through PHASES without touching the loop.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,6 +15,7 @@ import torch
 
 from memory3.config import ConfigError, Recipe
 from memory3.data import DataError, PackedLoader, TokenShards, iter_eval_batches
+from memory3.data.shards import load_manifest
 from memory3.model import ModelOutput
 
 Batch = dict[str, torch.Tensor]
@@ -24,6 +26,49 @@ PHASES = {
     "continual": "memory3.train.continual:ContinualPhase",
     "memdec": "memory3.memdec.phase:MemDecPhase",
 }
+
+
+# A vocabulary sized to the data is rounded up to this: embedding and output matmuls with a row
+# count a multiple of 64 tile evenly on GPUs (the spare rows are never targets).
+VOCAB_MULTIPLE = 64
+
+
+def fit_vocab_to_data(recipe: Recipe) -> tuple[Recipe, str | None]:
+    """Size model.vocab_size to what the run reads, unless the recipe file or an override set it.
+
+    A newcomer pointing a shipped recipe at shards of their own tokenizer expects the model to
+    follow the data, not the preset's vocabulary. With train.init_from (a run or an exported
+    folder) the weights decide: the vocabulary is the source's, so a continual run started from a
+    warmup that followed the data follows it too. Otherwise it is the shards' tokenizer size
+    rounded up to VOCAB_MULTIPLE. Returns the recipe to train (a copy when changed) and the line
+    to log (None when nothing changed). What cannot be read is left to the checks that open it
+    later (they name the file).
+    """
+    if recipe.vocab_size_explicit or recipe.train.init_from.startswith("hf:"):
+        return recipe, None  # hf: imports take the Llama's vocabulary (memory3/hf/llama_import.py)
+    if recipe.train.init_from:
+        from memory3.train.checkpoint import CheckpointError, model_config
+        try:
+            vocab = model_config(recipe.train.init_from).vocab_size
+        except (CheckpointError, ConfigError, OSError, KeyError, ValueError):
+            return recipe, None
+        source = f"the weights of train.init_from={recipe.train.init_from}"
+    elif recipe.data.path:
+        try:
+            tokens = load_manifest(recipe.data.path)["tokenizer"]["vocab_size"]
+        except (DataError, KeyError):
+            return recipe, None
+        vocab = -(-tokens // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        source = (f"the {tokens}-token tokenizer of {recipe.data.path}, rounded up to a multiple "
+                  f"of {VOCAB_MULTIPLE}")
+    else:
+        return recipe, None
+    if vocab == recipe.model.vocab_size:
+        return recipe, None
+    fitted = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, vocab_size=vocab))
+    return fitted, (f"model.vocab_size {vocab} (preset {recipe.model.name!r} has "
+                    f"{recipe.model.vocab_size}) follows {source}; set model.vocab_size to "
+                    f"choose it")
 
 
 def open_shards(recipe: Recipe, split: str, required: bool = True) -> TokenShards | None:
@@ -43,7 +88,8 @@ def open_shards(recipe: Recipe, split: str, required: bool = True) -> TokenShard
         return None
     if shards.vocab_size > recipe.model.vocab_size:
         raise ConfigError(f"tokenizer of {path} has {shards.vocab_size} tokens but model.vocab_size "
-                          f"is {recipe.model.vocab_size}; raise model.vocab_size")
+                          f"is {recipe.model.vocab_size} (set in the recipe or an override); "
+                          f"raise model.vocab_size, or leave it unset to follow the tokenizer")
     return shards
 
 

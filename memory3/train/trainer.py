@@ -22,7 +22,7 @@ from memory3.train import checkpoint
 from memory3.train.deepspeed_config import build_deepspeed_config
 from memory3.train.distributed import all_reduce_sum, init_distributed
 from memory3.train.metrics import MetricsLog
-from memory3.train.phases import make_phase
+from memory3.train.phases import fit_vocab_to_data, make_phase
 from memory3.train.schedule import lr_multiplier
 
 
@@ -50,11 +50,14 @@ class Trainer:
             from memory3.hf.llama_import import check_data_tokenizer, recipe_for
             recipe, self.imported = recipe_for(recipe)  # the model's shape is the Llama's
             check_data_tokenizer(self.imported, recipe.data.path)  # before the phase reads it
+        recipe, vocab_note = fit_vocab_to_data(recipe)  # before anything is sized by it
         self.recipe = recipe.validate()
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.rank, self.world_size, self.device = init_distributed()
         self.is_main = self.rank == 0
+        if vocab_note and self.is_main:
+            print(vocab_note)
         self.progress = progress and self.is_main
         # One run writes a run directory: a second would interleave checkpoints and metrics.
         self._lock = (hold_write_lock(self.out_dir, checkpoint.CheckpointError) if self.is_main
