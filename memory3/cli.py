@@ -84,6 +84,9 @@ def _add_prepare_data(sub):
     p.add_argument("--shard-tokens", type=int, default=2**24)
     p.add_argument("--valid-fraction", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0, help="seed of the train/valid document split")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenization threads (default: every core); the shards are the same "
+                        "bytes whatever the count")
     p.set_defaults(func=cmd_prepare_data)
 
 
@@ -91,7 +94,7 @@ def cmd_prepare_data(args):
     from memory3.data import prepare_data
     prepare_data(args.inputs, args.tokenizer, args.out, shard_tokens=args.shard_tokens,
                  valid_fraction=args.valid_fraction, text_field=args.text_field, seed=args.seed,
-                 glob=args.glob)
+                 glob=args.glob, workers=args.workers)
 
 
 def _add_quickstart(sub):

@@ -265,6 +265,32 @@ def test_complete_rerun_is_noop_and_changes_are_refused(data_dir, corpus, tokeni
                      progress=False)
 
 
+def test_worker_count_changes_no_byte(corpus, tokenizer, tmp_path, monkeypatch, capsys):
+    """prepare-data with 1 or 3 tokenization threads (and the CLI's default, every core) writes
+    the same files; the count is no setting, so a folder resumes under another one."""
+    from memory3.cli import main
+    threads = []
+    encode = Tokenizer.encode_batch
+    monkeypatch.setattr(Tokenizer, "encode_batch",
+                        lambda self, texts: threads.append(self.num_threads) or encode(self, texts))
+    args = dict(shard_tokens=1000, valid_fraction=0.1, progress=False)
+    prepare_data([corpus], tokenizer.path, tmp_path / "one", workers=1, **args)
+    prepare_data([corpus], tokenizer.path, tmp_path / "three", workers=3, **args)
+    assert set(threads) == {1, 3}
+    assert len(snapshot(tmp_path / "one")) > 5  # several shards, their .crc files, the manifest
+    assert snapshot(tmp_path / "one") == snapshot(tmp_path / "three")
+
+    threads.clear()
+    main(["prepare-data", str(corpus), "--tokenizer", str(tokenizer.path), "--out",
+          str(tmp_path / "cli"), "--shard-tokens", "1000", "--valid-fraction", "0.1"])
+    assert set(threads) == {os.cpu_count()}
+    assert snapshot(tmp_path / "cli") == snapshot(tmp_path / "one")
+    prepare_data([corpus], tokenizer.path, tmp_path / "one", workers=2, **args)
+    assert "nothing to do" in capsys.readouterr().out
+    with pytest.raises(DataError, match="workers must be at least 1, got 0"):
+        prepare_data([corpus], tokenizer.path, tmp_path / "zero", workers=0, **args)
+
+
 def test_resume_after_sigkill_is_byte_identical(tmp_path, corpus, tokenizer, monkeypatch):
     args = dict(shard_tokens=2000, valid_fraction=0.1, progress=False)
     unbroken = tmp_path / "unbroken"

@@ -237,18 +237,26 @@ def _start_or_resume(out_dir: Path, settings: dict, tokenizer: Tokenizer) -> dic
 
 def prepare_data(inputs: Sequence[PathLike], tokenizer_path: PathLike, out_dir: PathLike, *,
                  shard_tokens: int = 2**24, valid_fraction: float = 0.01, text_field: str = "text",
-                 seed: int = 0, glob: Glob = None, progress: bool = True) -> dict:
+                 seed: int = 0, glob: Glob = None, workers: int | None = None,
+                 progress: bool = True) -> dict:
     """Tokenize the documents of `inputs` into train/valid shards in `out_dir`; return the manifest.
 
     glob: file-name patterns; folders then yield the matching files, each text file one document
-    (memory3.data.text). Resumable: after an interruption, run it again with the same arguments.
+    (memory3.data.text). workers: sentencepiece encoding threads (default: every core). Resumable:
+    after an interruption, run it again with the same arguments (any worker count).
     """
     if shard_tokens <= 0:
         raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
     if not 0 <= valid_fraction < 1:
         raise DataError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise DataError(f"workers must be at least 1, got {workers}")
     out_dir = Path(out_dir)
-    tokenizer = Tokenizer(tokenizer_path)
+    # Each document is encoded on its own and batches are cut by characters, never by thread
+    # count, so the shards are the same bytes for any `workers`; it is therefore not a setting
+    # (not in the manifest, not compared on resume): a run may resume with another count.
+    tokenizer = Tokenizer(tokenizer_path, num_threads=workers)
     patterns = globs(glob)
     files = list_files(inputs, patterns)
     probe = ReadStats()
