@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None):
     from memory3.data import DataError
     from memory3.hf import HFError
     from memory3.memory.store import BankError
-    from memory3.train.checkpoint import CheckpointError
+    from memory3.checkpoints import CheckpointError
 
     argv = sys.argv[1:] if argv is None else argv
     # The deepspeed launcher appends --local_rank=N; we read LOCAL_RANK from the environment.

@@ -23,6 +23,15 @@ else:  # pragma: no cover - only on 3.10
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
+# Training phases, by recipe `phase` name -> "module:Class" (memory3/train/phases.py make_phase
+# imports the class on use). Plain strings, so the config validates a recipe without importing
+# training code; a new phase registers by adding its entry here.
+PHASES = {
+    "warmup": "memory3.train.phases:WarmupPhase",
+    "continual": "memory3.train.continual:ContinualPhase",
+    "memdec": "memory3.memdec.phase:MemDecPhase",
+}
+
 
 class ConfigError(ValueError):
     """A config, recipe or override that cannot be used; the message names the field."""
@@ -249,7 +258,6 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         self.model.validate()
-        from memory3.train.phases import PHASES
         if self.phase not in PHASES:
             raise ConfigError(f"phase must be one of {sorted(PHASES)}, got {self.phase!r}")
         if self.phase == "continual":

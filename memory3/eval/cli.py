@@ -8,7 +8,7 @@ from pathlib import Path
 def _load(args):
     import torch
 
-    from memory3.train.checkpoint import load_model, load_tokenizer
+    from memory3.checkpoints import load_model, load_tokenizer
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, recipe, info = load_model(args.checkpoint, device=device)
     tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)

@@ -11,7 +11,7 @@ Hugging Face Llama (with a sentencepiece tokenizer) into memory3.
     cli.py                   `memory3 export`, `memory3 import-hf`
 
 The weight mapping itself is memory3/model/hf.py; reading an exported folder back is
-memory3/train/checkpoint.py (it is one more kind of checkpoint).
+memory3/checkpoints.py (it is one more kind of checkpoint).
 """
 
 

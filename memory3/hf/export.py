@@ -30,10 +30,10 @@ from typing import Any
 import torch
 
 from memory3.config import Recipe
+from memory3.checkpoints import (EXPORT_FORMAT, EXPORT_TOKENIZER, EXPORT_VERSION, EXPORT_WEIGHTS,
+                                 INFO_FILE)
 from memory3.files import file_sha256, fsync_dir, write_json_atomic
 from memory3.hf import HFError
-from memory3.train.checkpoint import (EXPORT_FORMAT, EXPORT_TOKENIZER, EXPORT_VERSION,
-                                      EXPORT_WEIGHTS, INFO_FILE)
 
 
 class ExportError(HFError):
@@ -141,7 +141,7 @@ def write_hf_folder(out: str | Path, state: dict[str, torch.Tensor], recipe: Rec
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, force: bool = False,
                       tokenizer: str | Path | None = None) -> Path:
     """`memory3 export`: the checkpoint (run dir, checkpoints/ or step folder) -> folder `out`."""
-    from memory3.train.checkpoint import load_state_dict, load_tokenizer, resolve
+    from memory3.checkpoints import load_state_dict, load_tokenizer, resolve
 
     _check_target(Path(out), force)  # before the (possibly long) weight load
     state, recipe, info = load_state_dict(checkpoint)

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None):
     """`python -m memory3.memdec.cli memdec ...`, with the same error handling as `memory3`."""
     from memory3.config import ConfigError
     from memory3.data import DataError
-    from memory3.train.checkpoint import CheckpointError
+    from memory3.checkpoints import CheckpointError
 
     parser = argparse.ArgumentParser(prog="memory3")
     add_memdec_parser(parser.add_subparsers(dest="command", required=True))

@@ -56,7 +56,7 @@ def build_datastore(base: str | Path, data: str | Path, out: str | Path, *, spli
 
     Resumable: after an interruption, run it again with the same arguments.
     """
-    from memory3.train.checkpoint import load_model
+    from memory3.checkpoints import load_model
 
     out = Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -38,7 +38,7 @@ def evaluate(bases: list[str | Path], data: str | Path, *, split: str = "valid",
              device: str | torch.device | None = None,
              progress: bool = True) -> list[dict[str, Any]]:
     """One result per base and mode ("base", "knn-lm", "memdec"): perplexity, tokens/s, ..."""
-    from memory3.train.checkpoint import load_model
+    from memory3.checkpoints import load_model
 
     if not bases:
         raise MemDecError("give at least one --base checkpoint")

@@ -65,7 +65,7 @@ def data_identity(data_dir: str | Path, split: str) -> dict[str, Any]:
 
 def checkpoint_identity(path: str | Path) -> dict[str, Any]:
     """The step folder, step and model config of a checkpoint, as recorded by a datastore."""
-    from memory3.train.checkpoint import read_info, resolve
+    from memory3.checkpoints import read_info, resolve
 
     ckpt_dir, tag = resolve(path)
     info = read_info(ckpt_dir / tag)
@@ -76,7 +76,7 @@ def checkpoint_identity(path: str | Path) -> dict[str, Any]:
 def checkpoint_tokenizer(path: str | Path) -> str | None:
     """sha256 of the tokenizer a checkpoint was trained with, when its training data is still
     where its recipe says (checkpoints do not carry the tokenizer itself); else None."""
-    from memory3.train.checkpoint import read_info
+    from memory3.checkpoints import read_info
 
     data_path = read_info(path)["recipe"]["data"]["path"]
     try:

@@ -75,7 +75,7 @@ class MemoryDecoderLM:
     @classmethod
     def from_checkpoints(cls, base: str | Path, decoder: str | Path, lam: float = 0.6,
                          device: str | torch.device = "cpu") -> "MemoryDecoderLM":
-        from memory3.train.checkpoint import load_model
+        from memory3.checkpoints import load_model
 
         check_same_tokenizer([base, decoder])
         base_model, _, _ = load_model(base, device)

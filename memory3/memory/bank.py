@@ -76,7 +76,7 @@ def checkpoint_encoder(path: str | Path) -> dict[str, Any]:
     weights are (a retrained run saved at the same path and step included). A copy of the same
     checkpoint elsewhere gets another id, which only costs a re-encode.
     """
-    from memory3.train.checkpoint import INFO_FILE, resolve
+    from memory3.checkpoints import INFO_FILE, resolve
 
     ckpt_dir, tag = resolve(path)
     folder = (ckpt_dir / tag).resolve()

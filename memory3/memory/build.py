@@ -70,7 +70,7 @@ def _barrier(world: int) -> None:
 def _tokenizer_for(recipe, tokenizer: PathLike | None, checkpoint: PathLike) -> Tokenizer:
     if tokenizer is not None:
         return Tokenizer(tokenizer)
-    from memory3.train.checkpoint import carried_tokenizer
+    from memory3.checkpoints import carried_tokenizer
     carried = carried_tokenizer(checkpoint)  # an exported folder holds its own
     if carried is not None:
         return carried
@@ -208,7 +208,7 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
     glob: file-name patterns selecting the knowledge files, each text file one document
     (memory3.data.text).
     """
-    from memory3.train.checkpoint import load_model
+    from memory3.checkpoints import load_model
 
     if batch_size <= 0 or shard_memories <= 0:
         raise BankError(f"batch_size and shard_memories must be positive, got {batch_size} and "

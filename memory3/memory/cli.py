@@ -106,7 +106,7 @@ def cmd_build_bank(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     from memory3.config import ConfigError
     from memory3.data import DataError
-    from memory3.train.checkpoint import CheckpointError
+    from memory3.checkpoints import CheckpointError
 
     parser = argparse.ArgumentParser(prog="memory3 build-bank", description=DESCRIPTION)
     _add_arguments(parser)

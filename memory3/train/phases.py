@@ -13,19 +13,15 @@ from typing import Any, Iterator
 
 import torch
 
-from memory3.config import ConfigError, Recipe
+from memory3.config import PHASES, ConfigError, Recipe
 from memory3.data import DataError, PackedLoader, TokenShards, iter_eval_batches
 from memory3.data.shards import load_manifest
 from memory3.model import ModelOutput
 
 Batch = dict[str, torch.Tensor]
 
-# phase name -> "module:Class"; imported on use so a phase's dependencies load only when needed.
-PHASES = {
-    "warmup": "memory3.train.phases:WarmupPhase",
-    "continual": "memory3.train.continual:ContinualPhase",
-    "memdec": "memory3.memdec.phase:MemDecPhase",
-}
+# PHASES (memory3/config.py) maps a phase name to "module:Class", imported on use so a phase's
+# dependencies load only when needed.
 
 
 # A vocabulary sized to the data is rounded up to this: embedding and output matmuls with a row
@@ -47,7 +43,7 @@ def fit_vocab_to_data(recipe: Recipe) -> tuple[Recipe, str | None]:
     if recipe.vocab_size_explicit or recipe.train.init_from.startswith("hf:"):
         return recipe, None  # hf: imports take the Llama's vocabulary (memory3/hf/llama_import.py)
     if recipe.train.init_from:
-        from memory3.train.checkpoint import CheckpointError, model_config
+        from memory3.checkpoints import CheckpointError, model_config
         try:
             vocab = model_config(recipe.train.init_from).vocab_size
         except (CheckpointError, ConfigError, OSError, KeyError, ValueError):
