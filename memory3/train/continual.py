@@ -3,7 +3,8 @@
 Per batch, every chunk of every sequence retrieves `new_per_chunk` references with its own text
 (skipping references that overlap the sequence by more than `overlap_threshold`, and ones the
 previous chunks already picked); chunk c reads the references picked by chunks c-1 .. c-N
-(causal: the text it predicts never chose its memories, as at evaluation and generation).
+(causal: the text it predicts never chose its memories, as at evaluation and generation), except
+in the `own_chunk_share` of each batch, a curriculum whose chunks read the picks of c .. c-N+1.
 All distinct references of the batch are encoded together, in real time, by the current weights,
 then the ordinary LM loss is computed with them. SPEC 1b weighs gradient through that encoding
 (~2x a warmup step) against none (~1.3x); we default to a third choice, `continual.encode_grad =
