@@ -112,7 +112,7 @@ def cmd_quickstart(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from memory3.eval.cli import add_eval_parser, add_generate_parser
+    from memory3.eval.cli import add_eval_parser, add_generate_parser, add_lm_eval_parser
     from memory3.hf.cli import add_export_parser, add_import_parser
     from memory3.memdec.cli import add_memdec_parser
     from memory3.memory.cli import add_bank_parser, add_build_bank_parser
@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memory3", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_quickstart, _add_train_tokenizer, _add_prepare_data, _add_train,
-                add_build_bank_parser, add_bank_parser, add_eval_parser, add_generate_parser,
-                add_memdec_parser, add_export_parser, add_import_parser):
+                add_build_bank_parser, add_bank_parser, add_eval_parser, add_lm_eval_parser,
+                add_generate_parser, add_memdec_parser, add_export_parser, add_import_parser):
         add(sub)
     return parser
 

@@ -114,3 +114,57 @@ def cmd_generate(args):
                   f"{ref['text'][:100]!r}")
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(out), indent=1))
+
+
+def add_lm_eval_parser(sub):
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks without memory, with memory "
+                                       "and with text RAG",
+                       description="Score lm-evaluation-harness tasks (needs `pip install "
+                                   "'memory3[eval]'`) in each mode; memories are read as in "
+                                   "`memory3 eval` (causal retrieval per chunk).")
+    _common(p)
+    p.add_argument("--tasks", required=True,
+                   help="comma list of lm_eval task names (e.g. hellaswag,arc_easy)")
+    p.add_argument("--modes", default="none,memory,rag", help="comma list of none, memory, rag")
+    p.add_argument("--include-path", help="folder of extra lm_eval task YAML files")
+    p.add_argument("--limit", type=float,
+                   help="examples per task (a fraction if below 1); for quick checks only")
+    p.add_argument("--num-fewshot", type=int, help="default: each task's own")
+    p.add_argument("--bootstrap-iters", type=int, default=100_000,
+                   help="resamples for the standard errors of non-mean metrics (lm_eval's "
+                        "default; lower is faster)")
+    p.add_argument("--json", required=True, help="write every task's metrics per mode here")
+    p.set_defaults(func=cmd_lm_eval)
+
+
+def cmd_lm_eval(args):
+    from memory3.eval.perplexity import trained_with_memory
+    modes = [m for m in args.modes.split(",") if m]
+    known = ("none", "memory", "rag")
+    if not modes or set(modes) - set(known):
+        raise SystemExit(f"memory3 lm-eval: --modes {args.modes!r}: choose from {list(known)}")
+    if set(modes) - {"none"} and not args.bank:
+        raise SystemExit(f"memory3 lm-eval: --modes {sorted(set(modes) - {'none'})} need --bank")
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not tasks:
+        raise SystemExit("memory3 lm-eval: --tasks names no task")
+    try:
+        from memory3.eval.harness import run_tasks
+    except ImportError as e:  # lm_eval is an optional extra
+        raise SystemExit(f"memory3 lm-eval needs lm-evaluation-harness ({e}): "
+                         f"pip install 'memory3[eval]'") from e
+    model, recipe, tokenizer, bank = _load(args)
+    results = run_tasks(model, tokenizer, tasks, modes, bank=bank,
+                        reads_sink=trained_with_memory(recipe),
+                        encode_now=bool(args.bank and args.encode_now),
+                        include_path=args.include_path, limit=args.limit,
+                        num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters)
+    for mode, by_task in results.items():
+        for task, metrics in by_task.items():
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                              if isinstance(v, float) and "stderr" not in k)
+            print(f"{mode:>6} {task}: {shown}")
+    report = {"checkpoint": str(args.checkpoint), "bank": args.bank, "tasks": tasks,
+              "limit": args.limit, "num_fewshot": args.num_fewshot, "modes": results}
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.json}")
