@@ -83,9 +83,9 @@ def test_none_scores_are_the_models_token_log_probs(parts):
     # is_greedy: the model's own argmax continuation is greedy by definition
     next_id = int(model(torch.tensor([context_ids])).logits[0, -1].argmax())
     text = tok.decode(context_ids[1:] + [next_id])[len(CONTEXT):]
-    if tok.encode(CONTEXT + text)[len(context_ids) - 1:] == [next_id]:
-        (_, greedy), = lm.loglikelihood(requests("loglikelihood", (CONTEXT, text)))
-        assert greedy
+    assert tok.encode(CONTEXT + text)[len(context_ids) - 1:] == [next_id]  # round trip
+    (_, greedy), = lm.loglikelihood(requests("loglikelihood", (CONTEXT, text)))
+    assert greedy
 
     # Rolling: a whole text shorter than the model's context is one window after [BOS].
     text = "The flag of Peskath is grey. The city of Peskath dates from 1746."
@@ -105,8 +105,8 @@ def test_memory_mode_differs_from_none_only_where_memories_are_read(parts):
     none = Memory3LM(model, tok, "none", reads_sink=True).token_logprobs(ids, len(ids) - 1)[0]
     memory = Memory3LM(model, tok, "memory", bank=bank).token_logprobs(ids, len(ids) - 1)[0]
     torch.testing.assert_close(memory[:L], none[:L], atol=1e-5, rtol=0)
-    # float noise is ~1e-6; memories read by a 6-step model move log-probs by ~1e-4 and more
-    assert (memory[L:] - none[L:]).abs().max() > 2e-5
+    # float noise is ~1e-6; the memories a 6-step model reads move log-probs by ~2e-2
+    assert (memory[L:] - none[L:]).abs().max() > 1e-3
 
     # rag: chunk 0 reads no references, so it is the model alone (no sink); later chunks differ
     plain = Memory3LM(model, tok, "none").token_logprobs(ids, len(ids) - 1)[0]
