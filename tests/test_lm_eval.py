@@ -126,6 +126,14 @@ def test_generate_until_cuts_at_stop_strings(parts):
     out, = Memory3LM(model, tok, "none").generate_until(
         requests("generate_until", (CONTEXT, {"until": [stop], "max_gen_toks": 12})))
     assert out == free[:free.index(stop)]
+    # Mode none of a model trained with memory decodes reading the sink alone: its output is
+    # the greedy continuation under the same scoring. (The 6-step model's greedy text is the
+    # same with or without the sink, so this checks consistency, not that the sink is read.)
+    sink_lm = Memory3LM(model, tok, "none", reads_sink=True)
+    with_sink, = sink_lm.generate_until(
+        requests("generate_until", (CONTEXT, {"until": [], "max_gen_toks": 12})))
+    (_, greedy), = sink_lm.loglikelihood(requests("loglikelihood", (CONTEXT, with_sink)))
+    assert with_sink and greedy
     with_memory, = Memory3LM(model, tok, "memory", bank=bank).generate_until(
         requests("generate_until", (CONTEXT, {"until": [], "max_gen_toks": 12})))
     assert with_memory == generate(model, tok, CONTEXT, bank=bank, max_new_tokens=12).text
