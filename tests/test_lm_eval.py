@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +166,13 @@ def test_lm_eval_command_writes_every_tasks_metrics_per_mode(run_and_bank, tmp_p
     proc = run_memory3("lm-eval", "--checkpoint", str(run), "--modes", "memory",
                        "--tasks", "memory3_tiny_facts", "--json", str(out), check=False)
     assert proc.returncode != 0 and "--bank" in proc.stderr
+
+
+def test_without_lm_eval_the_package_works_and_the_command_says_what_to_install(tmp_path):
+    # lm_eval blocked as if not installed: the CLI still builds; lm-eval names the extra.
+    code = ("import sys; sys.modules['lm_eval'] = None; from memory3.cli import main, build_parser; "
+            "build_parser(); main(['lm-eval', '--checkpoint', 'missing', '--modes', 'none', "
+            "'--tasks', 'x', '--json', 'out.json'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0 and "pip install 'memory3[eval]'" in proc.stderr, proc.stderr
