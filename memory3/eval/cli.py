@@ -164,7 +164,9 @@ def cmd_lm_eval(args):
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                               if isinstance(v, float) and "stderr" not in k)
             print(f"{mode:>6} {task}: {shown}")
+    from importlib.metadata import version
     report = {"checkpoint": str(args.checkpoint), "bank": args.bank, "tasks": tasks,
+              "lm_eval_version": version("lm_eval"),
               "limit": args.limit, "num_fewshot": args.num_fewshot, "modes": results}
     Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.json}")
