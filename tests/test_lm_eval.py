@@ -89,6 +89,16 @@ def test_none_scores_are_the_models_token_log_probs(parts):
     (_, greedy), = lm.loglikelihood(requests("loglikelihood", (CONTEXT, text)))
     assert greedy
 
+    # A context longer than the model reads keeps its end: max_seq_len inputs, scored as such.
+    long_context = " ".join([CONTEXT] * 5)
+    (logprob, _), = lm.loglikelihood(requests("loglikelihood", (long_context, continuation)))
+    ids = [tok.bos_id, *tok.encode(long_context + continuation)]
+    n = len(ids) - 1 - len(tok.encode(long_context))
+    assert len(ids) > model.cfg.max_seq_len + 1 and n > 0
+    kept = ids[-(model.cfg.max_seq_len + 1):]
+    # (1e-5: one token more or less of context moves this 6-step model's sum by ~5e-5)
+    assert logprob == pytest.approx(float(direct_logprobs(model, kept)[-n:].sum()), abs=1e-5)
+
     # Rolling: a whole text shorter than the model's context is one window after [BOS].
     text = "The flag of Peskath is grey. The city of Peskath dates from 1746."
     rolling, = lm.loglikelihood_rolling(requests("loglikelihood_rolling", (text,)))
