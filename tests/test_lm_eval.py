@@ -180,8 +180,8 @@ def test_lm_eval_command_writes_every_tasks_metrics_per_mode(run_and_bank, tmp_p
 
 def test_without_lm_eval_the_package_works_and_the_command_says_what_to_install(tmp_path):
     # lm_eval blocked as if not installed: the CLI still builds; lm-eval names the extra.
-    code = ("import sys; sys.modules['lm_eval'] = None; from memory3.cli import main, build_parser; "
-            "build_parser(); main(['lm-eval', '--checkpoint', 'missing', '--modes', 'none', "
+    code = ("import sys; sys.modules['lm_eval'] = None; "
+            "from memory3.cli import main, build_parser; build_parser(); main(['lm-eval', '--checkpoint', 'missing', '--modes', 'none', "
             "'--tasks', 'x', '--json', 'out.json'])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)
