@@ -23,6 +23,26 @@ def tiny_data(tmp_path_factory) -> Path:
     return root / "shards"
 
 
+SHORT_CHUNK = 16  # chunk length of `short_chunk_run`: short texts cross several chunk boundaries
+
+
+@pytest.fixture(scope="session")
+def short_chunk_run(tiny_data, tmp_path_factory) -> tuple[Path, Path]:
+    """(run, bank): 6 warmup steps of `tiny` with 16-token chunks and 3 memories per chunk, and a
+    bank of the generated world's knowledge built by it (generation and lm-eval tests)."""
+    from memory3.config import Recipe
+    from memory3.memory.build import build_bank
+    from memory3.train.trainer import train
+    root = tmp_path_factory.mktemp("short_chunk")
+    recipe = Recipe.from_name("tiny-warmup").override(
+        [f"data.path={tiny_data}", "train.max_steps=6", "train.eval_every=100",
+         f"model.chunk_len={SHORT_CHUNK}", "model.memories_per_chunk=3"])
+    train(recipe, root / "run", progress=False)
+    world = write_world(make_world(seed=0, n_entities=60), root / "world")
+    build_bank(root / "run", [world["knowledge"]], root / "bank", progress=False)
+    return root / "run", root / "bank"
+
+
 def run_memory3(*args: str, check: bool = True, timeout: float = 300,
                 launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run the real `memory3` command in a fresh process (optionally under a launcher)."""

@@ -7,33 +7,18 @@ import json
 import pytest
 import torch
 
-from memory3.config import Recipe
-from memory3.data.synthetic import make_world, write_world
 from memory3.generate import generate, rag_inputs, rag_references
 from memory3.memory.bank import MemoryBank
-from memory3.memory.build import build_bank
 from memory3.train.checkpoint import load_model, load_tokenizer
-from memory3.train.trainer import train
 
-L = 16  # small chunks so that a short generation crosses several boundaries
+from conftest import SHORT_CHUNK as L  # chunks a short generation crosses several of
+
 PROMPT = "The city of Velmora was founded by a man from the river lands"
 
 
 @pytest.fixture(scope="module")
-def run_and_bank(tiny_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("generate")
-    recipe = Recipe.from_name("tiny-warmup").override(
-        [f"data.path={tiny_data}", "train.max_steps=6", "train.eval_every=100",
-         f"model.chunk_len={L}", "model.memories_per_chunk=3"])
-    train(recipe, root / "run", progress=False)
-    world = write_world(make_world(seed=0, n_entities=60), root / "world")
-    build_bank(root / "run", [world["knowledge"]], root / "bank", progress=False)
-    return root / "run", root / "bank"
-
-
-@pytest.fixture(scope="module")
-def parts(run_and_bank):
-    run, bank_dir = run_and_bank
+def parts(short_chunk_run):
+    run, bank_dir = short_chunk_run
     model, _, _ = load_model(run)
     return model.eval(), load_tokenizer(run), MemoryBank.open(bank_dir)
 
@@ -91,9 +76,9 @@ def test_rag_inputs_keep_the_chunk_then_references_then_context():
     assert rag_inputs(refs, context, 32, 48, 60) == refs + context[18:]
 
 
-def test_generate_cli_rag_mode(run_and_bank, tmp_path):
+def test_generate_cli_rag_mode(short_chunk_run, tmp_path):
     from conftest import run_memory3
-    run, bank = run_and_bank
+    run, bank = short_chunk_run
     out = tmp_path / "rag.json"
     run_memory3("generate", "--checkpoint", str(run), "--bank", str(bank), "--mode", "rag",
                 "--prompt", PROMPT, "--max-new-tokens", "20", "--json", str(out))

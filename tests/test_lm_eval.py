@@ -19,41 +19,25 @@ pytest.importorskip("lm_eval")  # the `eval` extra (in `dev` too)
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from memory3.checkpoints import load_model, load_tokenizer  # noqa: E402
-from memory3.config import Recipe  # noqa: E402
-from memory3.data.synthetic import make_world, write_world  # noqa: E402
 from memory3.eval.harness import Memory3LM  # noqa: E402
 from memory3.generate import generate  # noqa: E402
 from memory3.memory.bank import MemoryBank  # noqa: E402
-from memory3.memory.build import build_bank  # noqa: E402
 from memory3.memory.overlap import EVAL_OVERLAP  # noqa: E402
 from memory3.memory.reading import retrieve_for_chunks  # noqa: E402
-from memory3.train.trainer import train  # noqa: E402
 
+from conftest import SHORT_CHUNK as L  # noqa: E402  (the tasks' short texts span several)
 from conftest import run_memory3  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "tests" / "lm_eval_tasks"
-L = 16  # small chunks so that the tasks' short texts span several
 # Long enough for three chunks of L tokens: chunks 1 and 2 read memories.
 CONTEXT = ("The following notes concern Valdros Bramlilhem. There are many stories about Valdros "
            "Bramlilhem. The birthplace of Valdros Bramlilhem was")
 
 
 @pytest.fixture(scope="module")
-def run_and_bank(tiny_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm_eval")
-    recipe = Recipe.from_name("tiny-warmup").override(
-        [f"data.path={tiny_data}", "train.max_steps=6", "train.eval_every=100",
-         f"model.chunk_len={L}", "model.memories_per_chunk=3"])
-    train(recipe, root / "run", progress=False)
-    world = write_world(make_world(seed=0, n_entities=60), root / "world")
-    build_bank(root / "run", [world["knowledge"]], root / "bank", progress=False)
-    return root / "run", root / "bank"
-
-
-@pytest.fixture(scope="module")
-def parts(run_and_bank):
-    run, bank_dir = run_and_bank
+def parts(short_chunk_run):
+    run, bank_dir = short_chunk_run
     model, _, _ = load_model(run)
     return model.eval(), load_tokenizer(run), MemoryBank.open(bank_dir)
 
@@ -151,9 +135,9 @@ def test_generate_until_cuts_at_stop_strings(parts):
     assert with_memory == generate(model, tok, CONTEXT, bank=bank, max_new_tokens=12).text
 
 
-def test_lm_eval_command_writes_every_tasks_metrics_per_mode(run_and_bank, tmp_path,
+def test_lm_eval_command_writes_every_tasks_metrics_per_mode(short_chunk_run, tmp_path,
                                                              monkeypatch):
-    run, bank = run_and_bank
+    run, bank = short_chunk_run
     # The tasks' data_files are relative to the repository root; no dataset hub is reachable.
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
