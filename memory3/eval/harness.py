@@ -27,10 +27,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from memory3.generate import generate, rag_inputs, rag_references
+from memory3.eval.perplexity import eval_memories, rag_logits
+from memory3.generate import generate
 from memory3.memory.encoder import MemoryEncoder
-from memory3.memory.overlap import EVAL_OVERLAP
-from memory3.memory.reading import chunk_memories, retrieve_for_chunks, sink_only
+from memory3.memory.reading import sink_only
 from memory3.model.transformer import sample_next
 
 MODES = ("none", "memory", "rag")
@@ -98,25 +98,10 @@ class Memory3LM(TemplateLM):
         if self.mode == "none":
             alone = None if self.sink is None else sink_only(self.sink, x, cfg)
             return self.model(x, memory=alone).logits[0, first:]
-        rows = retrieve_for_chunks(self.bank, self.tok, x.cpu(), chunk_len=cfg.chunk_len,
-                                   k=cfg.memories_per_chunk, overlap_threshold=EVAL_OVERLAP)
         if self.mode == "memory":
-            # The bank's memories always come with the sink, as in `memory3 eval`.
-            memory = chunk_memories(self.bank, rows, self.encoder.sink_kv(), device=x.device,
-                                    dtype=self.model.embed.weight.dtype,
-                                    encoder=self.encoder if self.encode_now else None)
+            memory = eval_memories(self.model, self.bank, self.tok, x, encode_now=self.encode_now)
             return self.model(x, memory=memory).logits[0, first:]
-        # rag: each chunk holding scored positions after [its references; context]
-        L, T = cfg.chunk_len, x.shape[1]
-        parts = []
-        for c in range(first // L, rows.shape[1]):
-            start, end = c * L, min((c + 1) * L, T)
-            refs = rag_references(self.bank.references([r for r in rows[0, c] if r >= 0]),
-                                  self.tok.bos_id, self.tok.eos_id)
-            inputs = rag_inputs(refs, x[0, :end].tolist(), start, end, cfg.max_seq_len)
-            logits = self.model(torch.tensor([inputs], device=x.device)).logits[0]
-            parts.append(logits[len(inputs) - (end - max(start, first)):])
-        return torch.cat(parts)
+        return rag_logits(self.model, self.bank, self.tok, x, first)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         results = []

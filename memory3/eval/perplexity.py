@@ -119,34 +119,48 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
 
 
-def _rows(model, bank, tokenizer, x, own_chunk: bool) -> np.ndarray:
+def retrieved_rows(model, bank, tokenizer, x: torch.Tensor, own_chunk: bool = False
+                   ) -> np.ndarray:
+    """Rows (B, C, k) each chunk of x (B, T) reads at evaluation: causal retrieval (or the
+    chunk's own text), the evaluation overlap filter."""
     cfg = model.cfg
     return retrieve_for_chunks(bank, tokenizer, x.cpu(), chunk_len=cfg.chunk_len,
                                k=cfg.memories_per_chunk, overlap_threshold=EVAL_OVERLAP,
                                own_chunk=own_chunk)
 
 
-def _memory_nll(model, bank, tokenizer, x, y, own_chunk: bool, encode_now: bool) -> float:
+def eval_memories(model, bank, tokenizer, x: torch.Tensor, *, own_chunk: bool = False,
+                  encode_now: bool = False):
+    """What x (B, T) reads in mode memory: retrieved memories, always with the sink."""
     encoder = MemoryEncoder(model)
-    memory = chunk_memories(bank, _rows(model, bank, tokenizer, x, own_chunk), encoder.sink_kv(),
-                            device=x.device, dtype=model.embed.weight.dtype,
-                            encoder=encoder if encode_now else None)
+    return chunk_memories(bank, retrieved_rows(model, bank, tokenizer, x, own_chunk),
+                          encoder.sink_kv(), device=x.device, dtype=model.embed.weight.dtype,
+                          encoder=encoder if encode_now else None)
+
+
+def rag_logits(model, bank, tokenizer, x: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """Logits (T - first, V) of positions [first, T) of x (1, T) in mode rag: each chunk holding
+    such positions is run after [its references as documents; as much preceding context as
+    fits] (generate.rag_inputs: the same rule as rag generation)."""
+    cfg = model.cfg
+    L, T = cfg.chunk_len, x.shape[1]
+    rows = retrieved_rows(model, bank, tokenizer, x)
+    parts = []
+    for c in range(first // L, rows.shape[1]):
+        start, end = c * L, min((c + 1) * L, T)
+        refs = rag_references(bank.references([r for r in rows[0, c] if r >= 0]),
+                              tokenizer.bos_id, tokenizer.eos_id)
+        inputs = rag_inputs(refs, x[0, :end].tolist(), start, end, cfg.max_seq_len)
+        logits = model(torch.tensor([inputs], device=x.device)).logits[0]
+        parts.append(logits[len(inputs) - (end - max(start, first)):])
+    return torch.cat(parts)
+
+
+def _memory_nll(model, bank, tokenizer, x, y, own_chunk: bool, encode_now: bool) -> float:
+    memory = eval_memories(model, bank, tokenizer, x, own_chunk=own_chunk, encode_now=encode_now)
     return _nll(model(x, memory=memory).logits, y)
 
 
 def _rag_nll(model, bank, tokenizer, x, y) -> float:
-    """Each chunk is scored after [its references as documents; as much preceding context as
-    fits] (generate.rag_inputs: the same rule as rag generation)."""
-    cfg = model.cfg
-    L = cfg.chunk_len
-    rows = _rows(model, bank, tokenizer, x, own_chunk=False)
-    total = 0.0
-    for b in range(x.shape[0]):
-        for c in range(rows.shape[1]):
-            start, end = c * L, min((c + 1) * L, x.shape[1])
-            refs = rag_references(bank.references([r for r in rows[b, c] if r >= 0]),
-                                  tokenizer.bos_id, tokenizer.eos_id)
-            inputs = rag_inputs(refs, x[b, :end].tolist(), start, end, cfg.max_seq_len)
-            logits = model(torch.tensor([inputs], device=x.device)).logits[:, -(end - start):]
-            total += _nll(logits, y[b:b + 1, start:end])
-    return total
+    return sum(_nll(rag_logits(model, bank, tokenizer, x[b:b + 1])[None], y[b:b + 1])
+               for b in range(x.shape[0]))
