@@ -65,6 +65,13 @@ def resolve(path: str | Path) -> tuple[Path, str]:
                           f"checkpoints/ folder, or a {TAG_PREFIX}* folder containing {INFO_FILE})")
 
 
+def list_files(folder: Path, files: list[Path]) -> dict[str, dict[str, Any]]:
+    """The "files" entry of a memory3.json: each file's path under `folder`, size and sha256,
+    what `check_files` checks."""
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in files}
+
+
 def check_files(folder: Path, info: dict[str, Any], names: list[str] | None = None) -> None:
     """Check the files `names` (default: all) of the save in `folder` against the list in its
     memory3.json."""

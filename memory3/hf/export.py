@@ -31,8 +31,8 @@ import torch
 
 from memory3.config import Recipe
 from memory3.checkpoints import (EXPORT_FORMAT, EXPORT_TOKENIZER, EXPORT_VERSION, EXPORT_WEIGHTS,
-                                 INFO_FILE)
-from memory3.files import file_sha256, fsync_dir, write_json_atomic
+                                 INFO_FILE, list_files)
+from memory3.files import fsync_dir, write_json_atomic
 from memory3.hf import HFError
 
 
@@ -117,8 +117,7 @@ def write_hf_folder(out: str | Path, state: dict[str, torch.Tensor], recipe: Rec
                                "read in every forward" if recipe.phase == "continual" else ""),
                 "memory_layers": cfg.memory_layer_ids,
             },
-            "files": {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-                      for p in listed},
+            "files": list_files(tmp, listed),
         })
         for p in tmp.iterdir():
             with open(p, "rb") as f:

@@ -18,7 +18,8 @@ from memory3.checkpoints import (  # noqa: F401  (re-exported)
     EXPORT_FORMAT, EXPORT_TOKENIZER, EXPORT_VERSION, EXPORT_WEIGHTS, INFO_FILE, MODEL_STATES,
     TAG_PREFIX, CheckpointError, carried_tokenizer, check_files, exported, latest_tag, load_model,
     load_state_dict, load_tokenizer, model_config, read_info, resolve, tag_for)
-from memory3.files import file_sha256, write_json_atomic
+from memory3.checkpoints import list_files
+from memory3.files import write_json_atomic
 from memory3.train.distributed import barrier
 
 
@@ -47,9 +48,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_l
     if engine.global_rank == 0:
         folder = ckpt_dir / tag
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != INFO_FILE)
-        info = {**info, "files": {str(p.relative_to(folder)): {"bytes": p.stat().st_size,
-                                                               "sha256": file_sha256(p)}
-                                  for p in files}}
+        info = {**info, "files": list_files(folder, files)}
         write_json_atomic(folder / INFO_FILE, info)
         tags = sorted(p.name for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir())
         for old in tags[:-keep_last]:
