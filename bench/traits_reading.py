@@ -54,7 +54,8 @@ def value_positions(tok: Tokenizer, ids: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def in_context_probe(model, tok: Tokenizer, labelled: bool, n: int = 16) -> dict[str, float]:
+def in_context_probe(model, tok: Tokenizer, labelled: bool, n_records: int = 8,
+                     n: int = 16) -> dict[str, float]:
     """Mean loss of the text's values for made-up people, with their records in front or not."""
     rng = random.Random(5)
     out = {"records_in_front": [], "text_alone": []}
@@ -63,7 +64,7 @@ def in_context_probe(model, tok: Tokenizer, labelled: bool, n: int = 16) -> dict
         values = {t: rng.choice(v) for t, v in VALUES.items()}
         text = person_text(name, values)
         for key, prefix in (("records_in_front", " ".join(person_records(
-                name, values, 8, labelled)) + ". "), ("text_alone", "")):
+                name, values, n_records, labelled)) + ". "), ("text_alone", "")):
             ids = [tok.bos_id] + tok.encode(prefix + text)
             x = torch.tensor([ids])
             loss = F.cross_entropy(model(x[:, :-1]).logits[0].float(), x[0, 1:], reduction="none")
@@ -100,6 +101,7 @@ def main(argv=None):
     p.add_argument("out")
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--labelled", action="store_true", help="records hold 'trait value' pairs")
+    p.add_argument("--records", type=int, default=8, help="records per person")
     p.add_argument("--no-preamble", action="store_true",
                    help="warmup text without the person's records in front")
     p.add_argument("--token-shift", action="store_true")
@@ -112,8 +114,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     out, t0 = Path(args.out), time.time()
     model = [*args.model, *(["model.token_shift=true"] if args.token_shift else [])]
-    data = write_traits(out / "world", n_train=args.n_train, labelled=args.labelled,
-                        preamble=not args.no_preamble)
+    data = write_traits(out / "world", n_train=args.n_train, n_records=args.records,
+                        labelled=args.labelled, preamble=not args.no_preamble)
     tok = (Tokenizer(out / "tokenizer") if (out / "tokenizer" / "tokenizer.model").exists()
            else train_tokenizer([data["warm"], data["train"]], out / "tokenizer", 2048,
                                 progress=False))
@@ -126,7 +128,7 @@ def main(argv=None):
         [*common, f"data.path={out / 'shards_warm'}", f"train.max_steps={args.warm_steps}",
          f"train.save_every={args.warm_steps}"]), out / "warmup", progress=False)
     warm = load_model(out / "warmup")[0].eval()
-    probe = in_context_probe(warm, tok, args.labelled)
+    probe = in_context_probe(warm, tok, args.labelled, args.records)
     print(json.dumps({"in_context_probe": probe}), flush=True)
     if not (out / "bank").exists():
         build_bank(out / "warmup", [data["knowledge"]], out / "bank", embedder="hashing:2048",
