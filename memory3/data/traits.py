@@ -12,12 +12,13 @@ mention, chunk 0). The text runs over ~2 chunks of 64 tokens and names the perso
 sentence, so the chunk before a value (the causal retrieval query) is about the same person.
 
 The knowledge base holds each person's traits in `n_records` records: record j holds traits j,
-j + n_records, ... in reverse order and ends with the name ("sea walrus ... fruit peach of Nenobo"),
-so a record is not a copy of the text (the evaluation overlap filter reads it), and the name,
-which draws attention, comes after the values that top-8 should keep. `labelled` writes
-"trait value" pairs instead of bare values: with `model.token_shift` a kept value's key then holds
-its trait, and reading is copying (the value after the same word), which a small model learns;
-matching a trait to bare values of its kind it did not learn (bench/RESULTS.md, traits_reading).
+j + n_records, ... in reverse order and ends with the name ("sea walrus ... fruit peach of
+Nenobo"), so a record is not a copy of the text (the evaluation overlap filter reads it). The name
+is last: written first, its pieces took half of what top-8 keeps, and the same run read 3-4x less.
+`labelled` writes "trait value" pairs instead of bare values: with `model.token_shift` a kept
+value's key then holds its trait, and reading is copying (the value after the same word), which a
+small model learns; matching a trait to bare values of its kind it did not learn
+(bench/RESULTS.md, traits_reading).
 `preamble` puts each warmup person's records in front of their text: the warmup then learns to
 look values up in its context, the same lookup that reading memory is.
 
@@ -35,7 +36,8 @@ TRAITS: dict[str, str] = {
     "tree": "oak pine birch maple willow cedar elm ash beech poplar spruce alder",
     "bird": "heron owl crow swan eagle robin sparrow hawk finch raven stork wren",
     "metal": "tin iron copper silver gold lead zinc nickel bronze brass steel cobalt",
-    "stone": "granite marble slate flint quartz basalt chalk sandstone limestone shale pumice gravel",
+    "stone": ("granite marble slate flint quartz basalt "
+              "chalk sandstone limestone shale pumice gravel"),
     "colour": "red blue green yellow white black grey orange purple brown pink violet",
     "animal": "horse sheep goat cow pig dog cat fox wolf bear deer rabbit",
     "fish": "trout salmon pike carp cod eel tuna perch herring sole bass mackerel",
@@ -48,18 +50,24 @@ TRAITS: dict[str, str] = {
     "fabric": "wool silk linen cotton velvet leather felt lace denim tweed satin canvas",
     "tool": "hammer saw chisel drill axe spade rake wrench pliers ladder shovel anvil",
     "vehicle": "cart wagon sled barge canoe bicycle carriage tram ferry raft coach yacht",
-    "month": "january february march april may june july august september october november december",
+    "month": ("january february march april may june "
+              "july august september october november december"),
     "weather": "rain snow fog wind hail storm frost thunder sunshine drizzle mist sleet",
     "insect": "bee ant moth wasp beetle fly locust termite flea midge gnat mantis",
     "gem": "diamond emerald sapphire pearl topaz ruby opal jade garnet onyx amethyst coral",
     "shape": "circle square triangle star cross arrow spiral crescent oval hexagon ring heart",
-    "game": "cards dice dominoes marbles darts bingo riddles checkers charades quoits hopscotch skittles",
+    "game": ("cards dice dominoes marbles darts bingo "
+             "riddles checkers charades quoits hopscotch skittles"),
     "dance": "waltz tango polka jig reel samba salsa minuet ballet foxtrot mazurka rumba",
-    "cheese": "brie cheddar gouda feta stilton edam parmesan camembert ricotta mozzarella gruyere halloumi",
-    "herb": "basil parsley sage rosemary dill chives oregano tarragon fennel lovage sorrel chervil",
+    "cheese": ("brie cheddar gouda feta stilton edam "
+               "parmesan camembert ricotta mozzarella gruyere halloumi"),
+    "herb": ("basil parsley sage rosemary dill chives "
+             "oregano tarragon fennel lovage sorrel chervil"),
     "vegetable": "carrot potato onion cabbage leek turnip bean pea radish celery beet spinach",
-    "nut": "almond walnut hazelnut pecan cashew pistachio chestnut peanut acorn coconut macadamia brazil",
-    "trade": "baker sailor painter merchant teacher miner doctor weaver poet judge carpenter farmer",
+    "nut": ("almond walnut hazelnut pecan cashew pistachio "
+            "chestnut peanut acorn coconut macadamia brazil"),
+    "trade": ("baker sailor painter merchant teacher miner "
+              "doctor weaver poet judge carpenter farmer"),
     "building": "tower castle mill barn chapel cottage lighthouse palace temple cabin hut inn",
     "furniture": "table chair bed desk sofa stool bench shelf wardrobe cupboard lamp clock",
     "sea": "whale dolphin seal octopus crab lobster shark squid oyster starfish jellyfish walrus",
@@ -93,7 +101,7 @@ def person_records(name: str, values: dict[str, str], n_records: int,
     return [" ".join(reversed(words[j::n_records])) + f" of {name}" for j in range(n_records)]
 
 
-def write_traits(out: str | Path, n_warm: int = 1500, n_train: int = 8000,
+def write_traits(out: str | Path, n_warm: int = 1500, n_train: int = 4000,
                  n_heldout: int = 200, seed: int = 0, n_records: int = 8,
                  preamble: bool = True, labelled: bool = False) -> dict[str, Path]:
     """warm.txt, train.txt, heldout.txt (one person per paragraph) and knowledge.jsonl."""
