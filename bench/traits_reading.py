@@ -54,7 +54,7 @@ def value_positions(tok: Tokenizer, ids: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def in_context_probe(model, tok: Tokenizer, labelled: bool, n_records: int = 8,
+def in_context_probe(model, tok: Tokenizer, labelled: bool, n_records: int = 4,
                      n: int = 16) -> dict[str, float]:
     """Mean loss of the text's values for made-up people, with their records in front or not."""
     rng = random.Random(5)
@@ -101,7 +101,7 @@ def main(argv=None):
     p.add_argument("out")
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--labelled", action="store_true", help="records hold 'trait value' pairs")
-    p.add_argument("--records", type=int, default=8, help="records per person")
+    p.add_argument("--records", type=int, default=4, help="records per person")
     p.add_argument("--no-preamble", action="store_true",
                    help="warmup text without the person's records in front")
     p.add_argument("--token-shift", action="store_true")

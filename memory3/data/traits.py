@@ -102,7 +102,7 @@ def person_records(name: str, values: dict[str, str], n_records: int,
 
 
 def write_traits(out: str | Path, n_warm: int = 1500, n_train: int = 4000,
-                 n_heldout: int = 200, seed: int = 0, n_records: int = 8,
+                 n_heldout: int = 200, seed: int = 0, n_records: int = 4,
                  preamble: bool = True, labelled: bool = False) -> dict[str, Path]:
     """warm.txt, train.txt, heldout.txt (one person per paragraph) and knowledge.jsonl."""
     rng = random.Random(seed)
