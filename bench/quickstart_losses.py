@@ -21,6 +21,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,6 +60,26 @@ def token_labels(tokenizer, ids: list[int], spans: list[tuple[str, list[str]]]
     return labels, strings
 
 
+@torch.no_grad()
+def mode_losses(model, tok, bank, x: torch.Tensor, y: torch.Tensor
+                ) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+    """Per-token losses (B, T) of y after x in each of MODES, and the rows each chunk reads in
+    modes memory (causal, evaluation filter) and own."""
+    encoder = MemoryEncoder(model)
+    sink = encoder.sink_kv()
+    L, M = model.cfg.chunk_len, model.cfg.memories_per_chunk
+    rows = {m: retrieve_for_chunks(bank, tok, x, chunk_len=L, k=M, overlap_threshold=EVAL_OVERLAP,
+                                   own_chunk=m == "own") for m in ("memory", "own")}
+    losses = {}
+    for mode in MODES:
+        memory = (sink_only(sink, x, model.cfg) if mode == "none" else
+                  chunk_memories(bank, rows[mode], sink, encoder=encoder))
+        logits = model(x, memory=memory).logits.float()
+        losses[mode] = F.cross_entropy(logits.flatten(0, 1), y.flatten(),
+                                       reduction="none").view(y.shape)
+    return losses, rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out")
@@ -75,22 +96,11 @@ def main(argv=None):
     model, _, _ = load_model(out / args.run)
     model.eval()
     bank = MemoryBank.open(out / "bank")
-    encoder = MemoryEncoder(model)
-    sink = encoder.sink_kv()
     seqs = text_sequences([out / "corpus" / "heldout.txt"], tok, model.cfg.chunk_len * 4,
                           max_sequences=EVAL_SEQUENCES)
     x, y = seqs[:, :-1], seqs[:, 1:]
-    L, M = model.cfg.chunk_len, model.cfg.memories_per_chunk
-    rows = {m: retrieve_for_chunks(bank, tok, x, chunk_len=L, k=M, overlap_threshold=EVAL_OVERLAP,
-                                   own_chunk=m == "own") for m in ("memory", "own")}
-    with torch.no_grad():
-        losses = {}
-        for mode in MODES:
-            memory = (sink_only(sink, x, model.cfg) if mode == "none" else
-                      chunk_memories(bank, rows[mode], sink, encoder=encoder))
-            logits = model(x, memory=memory).logits.float()
-            losses[mode] = F.cross_entropy(logits.flatten(0, 1), y.flatten(),
-                                           reduction="none").view(y.shape)
+    L = model.cfg.chunk_len
+    losses, rows = mode_losses(model, tok, bank, x, y)
     held = [e for e in world.entities if e.heldout]
     owners = defaultdict(set)  # value -> the held-out entities that have it
     for e in held:
@@ -130,7 +140,7 @@ def main(argv=None):
           f"{torch.tensor((total[1] - total[0]) / tokens).exp().item():.3f}, own/none "
           f"{torch.tensor((total[2] - total[0]) / tokens).exp().item():.3f}")
     if args.kept:
-        kept(model, encoder, tok, bank, args.kept)
+        kept(model, MemoryEncoder(model), tok, bank, args.kept)
 
 
 def kept(model, encoder, tok, bank, n: int):

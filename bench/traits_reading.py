@@ -28,7 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quickstart_losses import mode_losses  # noqa: E402
 
 from memory3.config import Recipe  # noqa: E402
 from memory3.data import Tokenizer, prepare_data, train_tokenizer  # noqa: E402
@@ -37,9 +40,6 @@ from memory3.data.traits import (TRAITS, VALUES, person_records, person_text,  #
 from memory3.eval.perplexity import evaluate, text_sequences  # noqa: E402
 from memory3.memory.bank import MemoryBank  # noqa: E402
 from memory3.memory.build import build_bank  # noqa: E402
-from memory3.memory.encoder import MemoryEncoder  # noqa: E402
-from memory3.memory.overlap import EVAL_OVERLAP  # noqa: E402
-from memory3.memory.reading import chunk_memories, retrieve_for_chunks, sink_only  # noqa: E402
 from memory3.train.checkpoint import load_model  # noqa: E402
 from memory3.train.trainer import train  # noqa: E402
 
@@ -73,25 +73,14 @@ def in_context_probe(model, tok: Tokenizer, labelled: bool, n_records: int = 4,
     return {k: round(sum(v) / len(v), 3) for k, v in out.items()}
 
 
-@torch.no_grad()
 def value_losses(model, tok: Tokenizer, bank, sequences: torch.Tensor) -> dict[str, float]:
     """Mean loss of the value tokens after chunk 0, in modes none / memory / own."""
     x, y = sequences[:, :-1], sequences[:, 1:]
-    L, M = model.cfg.chunk_len, model.cfg.memories_per_chunk
-    encoder = MemoryEncoder(model)
-    sink = encoder.sink_kv()
-    where = [(b, j) for b in range(len(y)) for j in value_positions(tok, y[b].tolist()) if j >= L]
-    out = {}
-    for mode in ("none", "memory", "own"):
-        if mode == "none":
-            memory = sink_only(sink, x, model.cfg)
-        else:
-            rows = retrieve_for_chunks(bank, tok, x, chunk_len=L, k=M,
-                                       overlap_threshold=EVAL_OVERLAP, own_chunk=mode == "own")
-            memory = chunk_memories(bank, rows, sink, encoder=encoder)
-        loss = F.cross_entropy(model(x, memory=memory).logits.float().flatten(0, 1), y.flatten(),
-                               reduction="none").view(y.shape)
-        out[mode] = round(sum(loss[b, j].item() for b, j in where) / len(where), 3)
+    where = [(b, j) for b in range(len(y)) for j in value_positions(tok, y[b].tolist())
+             if j >= model.cfg.chunk_len]
+    losses, _ = mode_losses(model, tok, bank, x, y)
+    out = {mode: round(sum(loss[b, j].item() for b, j in where) / len(where), 3)
+           for mode, loss in losses.items()}
     out["tokens"] = len(where)
     return out
 
