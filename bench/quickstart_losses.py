@@ -28,7 +28,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quickstart_variants import variant_world  # noqa: E402
+from quickstart_variants import (EVAL_SEQUENCES, FRESH_ENTITIES, SHEETS_PER_ENTITY,  # noqa: E402
+                                 variant_world)
 
 from memory3.data import Tokenizer  # noqa: E402
 from memory3.data.synthetic import make_world  # noqa: E402
@@ -37,7 +38,6 @@ from memory3.memory.bank import MemoryBank  # noqa: E402
 from memory3.memory.encoder import MemoryEncoder  # noqa: E402
 from memory3.memory.overlap import EVAL_OVERLAP  # noqa: E402
 from memory3.memory.reading import chunk_memories, retrieve_for_chunks, sink_only  # noqa: E402
-from memory3.quickstart import EVAL_SEQUENCES, FRESH_ENTITIES, SHEETS_PER_ENTITY  # noqa: E402
 from memory3.train.checkpoint import load_model  # noqa: E402
 
 MODES = ("none", "memory", "own")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -35,11 +36,14 @@ from quickstart_losses import mode_losses  # noqa: E402
 
 from memory3.config import Recipe  # noqa: E402
 from memory3.data import Tokenizer, prepare_data, train_tokenizer  # noqa: E402
-from memory3.data.traits import (TRAITS, VALUES, person_records, person_text,  # noqa: E402
+from memory3.data.tokenizer import PAD_ID  # noqa: E402
+from memory3.data.traits import (INTRO, TRAITS, VALUES, person_records, person_text,  # noqa: E402
                                  write_traits)
 from memory3.eval.perplexity import evaluate, text_sequences  # noqa: E402
 from memory3.memory.bank import MemoryBank  # noqa: E402
 from memory3.memory.build import build_bank  # noqa: E402
+from memory3.memory.encoder import MemoryEncoder  # noqa: E402
+from memory3.memory.references import pack_references  # noqa: E402
 from memory3.train.checkpoint import load_model  # noqa: E402
 from memory3.train.trainer import train  # noqa: E402
 
@@ -55,7 +59,7 @@ def value_positions(tok: Tokenizer, ids: list[int]) -> list[int]:
 
 @torch.no_grad()
 def in_context_probe(model, tok: Tokenizer, labelled: bool, n_records: int = 4,
-                     n: int = 16) -> dict[str, float]:
+                     n: int = 16, intro: bool = False, named: bool = True) -> dict[str, float]:
     """Mean loss of the text's values for made-up people, with their records in front or not."""
     rng = random.Random(5)
     out = {"records_in_front": [], "text_alone": []}
@@ -63,9 +67,10 @@ def in_context_probe(model, tok: Tokenizer, labelled: bool, n_records: int = 4,
         name = "".join(rng.choice(["ba", "ko", "ri", "te", "mu", "sa"]) for _ in range(3)).title()
         values = {t: rng.choice(v) for t, v in VALUES.items()}
         text = person_text(name, values)
+        opening = INTRO.format(name=name) + " " if intro else ""
         for key, prefix in (("records_in_front", " ".join(person_records(
-                name, values, n_records, labelled)) + ". "), ("text_alone", "")):
-            ids = [tok.bos_id] + tok.encode(prefix + text)
+                name, values, n_records, labelled, named)) + ". "), ("text_alone", "")):
+            ids = [tok.bos_id] + tok.encode(opening + prefix + text)
             x = torch.tensor([ids])
             loss = F.cross_entropy(model(x[:, :-1]).logits[0].float(), x[0, 1:], reduction="none")
             start = len(ids) - len(tok.encode(text))
@@ -73,15 +78,67 @@ def in_context_probe(model, tok: Tokenizer, labelled: bool, n_records: int = 4,
     return {k: round(sum(v) / len(v), 3) for k, v in out.items()}
 
 
-def value_losses(model, tok: Tokenizer, bank, sequences: torch.Tensor) -> dict[str, float]:
-    """Mean loss of the value tokens after chunk 0, in modes none / memory / own."""
+def people_at(tok: Tokenizer, ids: list[int]) -> list[str | None]:
+    """Per token, the person the text is about there (the last name before it that opens a
+    sentence, "Name has ..." or "... entry of Name")."""
+    ends = [len(tok.decode(ids[:j + 1])) for j in range(len(ids))]
+    text = tok.decode(ids)
+    starts = [(m.start(), m.group(1) or m.group(2)) for m in re.finditer(
+        r"\b([A-Z][a-z]+) has\b|entry of ([A-Z][a-z]+)", text)]
+    out, i, name = [], 0, None
+    for end in ends:
+        while i < len(starts) and starts[i][0] < end:
+            name = starts[i][1]
+            i += 1
+        out.append(name)
+    return out
+
+
+def value_losses(model, tok: Tokenizer, bank, sequences: torch.Tensor,
+                 owners: list[str]) -> dict[str, float]:
+    """Mean loss of the value tokens after chunk 0, in modes none / memory / own; and for causal
+    reads, the share of those tokens whose chunk read a record of their person (`person_read`)
+    and, of those, the share whose value the first memory layer kept in some KV head (`kept`),
+    with the losses none / memory of each kind. owners[i]: the person of knowledge line i."""
     x, y = sequences[:, :-1], sequences[:, 1:]
-    where = [(b, j) for b in range(len(y)) for j in value_positions(tok, y[b].tolist())
-             if j >= model.cfg.chunk_len]
-    losses, _ = mode_losses(model, tok, bank, x, y)
+    L = model.cfg.chunk_len
+    losses, rows = mode_losses(model, tok, bank, x, y)
+    encoder, kept_of = MemoryEncoder(model), {}
+
+    def kept(row: int) -> tuple[str, set[str]]:  # a record's person and its kept value words
+        if row not in kept_of:
+            record = bank.references([row])[0]
+            tokens, lengths = pack_references([record.tokens], ref_bos_id=encoder.ref_bos_id,
+                                              pad_id=PAD_ID, reference_len=model.cfg.reference_len)
+            pos = encoder.encode(tokens, lengths).positions[0, 0]          # (G, K), layer 0
+            pieces = ["<ref>"] + [tok.decode([t]).strip() for t in record.tokens]
+            kept_of[row] = (owners[int(record.doc_id.rsplit("#", 1)[1])],
+                            {pieces[i] for i in pos.flatten().tolist()
+                             if i > 0 and pieces[i - 1] in TRAITS and pieces[i] in VALUES[pieces[i - 1]]})
+        return kept_of[row]
+
+    where, kinds = [], []
+    for b in range(len(y)):
+        ids = y[b].tolist()
+        people = people_at(tok, ids)
+        for j in value_positions(tok, ids):
+            if j < L:
+                continue
+            read = [kept(int(r)) for r in rows["memory"][b, j // L] if r >= 0]
+            value = tok.decode([ids[j]]).strip()
+            mine = [words for person, words in read if person == people[j]]
+            where.append((b, j))
+            kinds.append("not_read" if not mine else
+                         "kept" if any(value in words for words in mine) else "not_kept")
     out = {mode: round(sum(loss[b, j].item() for b, j in where) / len(where), 3)
            for mode, loss in losses.items()}
     out["tokens"] = len(where)
+    out["person_read"] = round(sum(k != "not_read" for k in kinds) / len(kinds), 3)
+    out["kept"] = round(kinds.count("kept") / max(1, len(kinds) - kinds.count("not_read")), 3)
+    for kind in ("kept", "not_kept", "not_read"):
+        at = [w for w, k in zip(where, kinds) if k == kind]
+        out[f"{kind} none/memory"] = [round(sum(losses[m][w].item() for w in at)
+                                            / max(1, len(at)), 3) for m in ("none", "memory")]
     return out
 
 
@@ -91,6 +148,8 @@ def main(argv=None):
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--labelled", action="store_true", help="records hold 'trait value' pairs")
     p.add_argument("--records", type=int, default=4, help="records per person")
+    p.add_argument("--intro", action="store_true", help="each person's text opens with INTRO")
+    p.add_argument("--unnamed", action="store_true", help="records without ' of Name'")
     p.add_argument("--no-preamble", action="store_true",
                    help="warmup text without the person's records in front")
     p.add_argument("--token-shift", action="store_true")
@@ -104,7 +163,8 @@ def main(argv=None):
     out, t0 = Path(args.out), time.time()
     model = [*args.model, *(["model.token_shift=true"] if args.token_shift else [])]
     data = write_traits(out / "world", n_train=args.n_train, n_records=args.records,
-                        labelled=args.labelled, preamble=not args.no_preamble)
+                        labelled=args.labelled, preamble=not args.no_preamble,
+                        intro=args.intro, named=not args.unnamed)
     tok = (Tokenizer(out / "tokenizer") if (out / "tokenizer" / "tokenizer.model").exists()
            else train_tokenizer([data["warm"], data["train"]], out / "tokenizer", 2048,
                                 progress=False))
@@ -117,7 +177,8 @@ def main(argv=None):
         [*common, f"data.path={out / 'shards_warm'}", f"train.max_steps={args.warm_steps}",
          f"train.save_every={args.warm_steps}"]), out / "warmup", progress=False)
     warm = load_model(out / "warmup")[0].eval()
-    probe = in_context_probe(warm, tok, args.labelled, args.records)
+    probe = in_context_probe(warm, tok, args.labelled, args.records, intro=args.intro,
+                             named=not args.unnamed)
     print(json.dumps({"in_context_probe": probe}), flush=True)
     if not (out / "bank").exists():
         build_bank(out / "warmup", [data["knowledge"]], out / "bank", embedder="hashing:2048",
@@ -131,12 +192,14 @@ def main(argv=None):
     model_.eval()
     bank = MemoryBank.open(out / "bank")
     sequences = text_sequences([data["heldout"]], tok, 256, max_sequences=32)
+    owners = [json.loads(line)["id"].rsplit("-", 1)[0].capitalize()
+              for line in open(data["knowledge"])]
     ppl = evaluate(model_, tok, sequences, ("none", "memory", "rag"), bank=bank, encode_now=True,
                    reads_sink=True)
     result = {"tag": args.tag, "in_context_probe": probe,
               **{f"ppl_{m}": round(r["perplexity"], 3) for m, r in ppl.items()},
               "ppl_memory/none": round(ppl["memory"]["perplexity"] / ppl["none"]["perplexity"], 3),
-              "value_loss_after_chunk0": value_losses(model_, tok, bank, sequences),
+              "value_loss_after_chunk0": value_losses(model_, tok, bank, sequences, owners),
               "seconds": round(time.time() - t0)}
     print(json.dumps(result), flush=True)
 

@@ -1,31 +1,33 @@
-"""`memory3 quickstart`: the whole pipeline end to end on the built-in corpus, on a CPU.
+"""`memory3 quickstart`: the whole pipeline end to end on a built-in corpus, on a CPU.
 
 corpus -> tokenizer -> shards -> warmup -> memory bank -> continual training with memory ->
 perplexity of held-out text in modes none / memory / rag -> a generation with provenance.
 
-Warmup reads the corpus (known entities); continual training reads new text about fresh entities
-that only the bank describes, so reading memory is what pays there (on the corpus it would not:
-the warmup has memorised it). The held-out text is about other entities whose names and facts
-appear in no training text, only in the knowledge base, so the gap between `none` and `memory`
-is knowledge read from the bank.
+The corpus is a registry of made-up people and their traits (memory3.data.traits): a person's
+text states 32 traits, each one of 12 words, so without memory no model guesses a value better
+than 1 in 12. Warmup reads people who are in no bank, each with their records in front of their
+text, and learns to look values up in its context; continual training reads other people whose
+records only the bank holds, and learns to read them from memory; the held-out people are in no
+training text at all, only in the bank, so the gap between `none` and `memory` on them is
+knowledge read from the bank.
 Every file it writes goes under one folder; re-running resumes rather than redoing.
 """
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 from memory3.config import Recipe
 from memory3.data import Tokenizer, prepare_data, train_tokenizer
-from memory3.data.synthetic import make_world, write_world
+from memory3.data.traits import write_traits
 from memory3.train.checkpoint import load_model
 from memory3.train.trainer import train
 
-WARMUP, CONTINUAL = "mini-warmup", "mini-continual"
+WARMUP, CONTINUAL = "quickstart-warmup", "quickstart-continual"
 VOCAB_SIZE = 2048
-FRESH_ENTITIES = 3000
-SHEETS_PER_ENTITY = 3
+WORLD = dict(labelled=True, n_records=4)  # bench/RESULTS.md, traits_reading
 EVAL_MODES = ("none", "memory", "rag")
 EVAL_SEQUENCES = 32
 STAGES = 8
@@ -35,11 +37,19 @@ def _stage(n: int, title: str):
     print(f"\n== {n}/{STAGES} {title}", flush=True)
 
 
-def _prompt(heldout: Path) -> str:
-    """The first two sentences of the first held-out document: about an entity only the bank
-    knows, and long enough for the prompt's chunk to retrieve its fact sheet."""
-    first = heldout.read_text().split("\n\n")[0].strip()
-    return ". ".join(first.split(". ")[:2]) + "."
+def _first_person(heldout: Path) -> tuple[str, str]:
+    """A prompt (the first held-out person's text up to the third "Name has": long enough for
+    its chunk to retrieve the person's records) and that person's whole text."""
+    text = heldout.read_text().split("\n\n")[0].strip()
+    third = [m.end() for m in re.finditer(r" has\b", text)][2]
+    return text[:third], text
+
+
+def _pairs(text: str) -> dict[str, str]:
+    """'trait value' pairs of a person's text ("Name has t v t v ...")."""
+    words = " ".join(s.split(" has ", 1)[1] for s in re.split(r"\.\s*", text)
+                     if " has " in s).split()
+    return dict(zip(words[::2], words[1::2]))
 
 
 def quickstart(out: str | Path = "quickstart", steps: int | None = None,
@@ -52,34 +62,29 @@ def quickstart(out: str | Path = "quickstart", steps: int | None = None,
     out = Path(out)
     start = time.time()
 
-    _stage(1, "corpus: a generated world of people, cities, rivers and their facts")
-    files = write_world(make_world(seed=0, n_fresh=FRESH_ENTITIES,
-                                  sheets_per_entity=SHEETS_PER_ENTITY), out / "corpus")
+    _stage(1, "corpus: a registry of made-up people and their 32 traits")
+    files = write_traits(out / "corpus", **WORLD)
     print(f"wrote {', '.join(str(p) for p in files.values())}")
 
     _stage(2, "tokenizer: sentencepiece BPE")
     tok_dir = out / "tokenizer"
-    # From the training text only, as in pretraining: a tokenizer that also learnt the knowledge
-    # base would give held-out names tokens that no training text has, whose output rows only
-    # ever learn to be unlikely (~15 nats each, at every mention, whatever memory says).
+    # From the training text only, as in pretraining (the held-out people are in the bank only).
     tokenizer = (Tokenizer(tok_dir) if (tok_dir / "tokenizer.model").exists()
-                 else train_tokenizer([files["corpus"], files["continual"]], tok_dir, VOCAB_SIZE,
+                 else train_tokenizer([files["warm"], files["train"]], tok_dir, VOCAB_SIZE,
                                       progress=False))
     print(f"{tokenizer.vocab_size} tokens in {tokenizer.path}")
 
-    _stage(3, "token shards: the corpus (warmup) and the fresh entities' text (continual)")
-    prepare_data([files["corpus"]], tokenizer.path, out / "data", valid_fraction=0.02)
-    prepare_data([files["continual"]], tokenizer.path, out / "data_continual", valid_fraction=0.02)
+    _stage(3, "token shards: warmup people (records in front) and continual people (text only)")
+    prepare_data([files["warm"]], tokenizer.path, out / "data", valid_fraction=0.02)
+    prepare_data([files["train"]], tokenizer.path, out / "data_continual", valid_fraction=0.02)
 
     _stage(4, f"warmup pretraining without memory (recipe {WARMUP}, DeepSpeed on CPU)")
-    data = f"data.path={out / 'data'}"
     recipe = Recipe.from_name(WARMUP).override(
-        [data] + ([f"train.max_steps={steps}"] if steps else []))
+        [f"data.path={out / 'data'}"] + ([f"train.max_steps={steps}"] if steps else []))
     warmup = train(recipe, out / "warmup")
 
     _stage(5, "memory bank: the knowledge base encoded by the warmup model")
-    # Lexical hashing with room for few collisions: a short prompt must still find its sheet.
-    build_bank(out / "warmup", [files["knowledge"]], out / "bank", embedder="hashing:4096")
+    build_bank(out / "warmup", [files["knowledge"]], out / "bank", embedder="hashing:2048")
 
     _stage(6, f"continual training reading the bank (recipe {CONTINUAL})")
     recipe = Recipe.from_name(CONTINUAL).override(
@@ -88,7 +93,7 @@ def quickstart(out: str | Path = "quickstart", steps: int | None = None,
         + ([f"train.max_steps={continual_steps}"] if continual_steps else []))
     continual = train(recipe, out / "continual")
 
-    _stage(7, "perplexity of held-out text (facts only the bank holds) in modes "
+    _stage(7, "perplexity of held-out people (traits only the bank holds) in modes "
               + ", ".join(EVAL_MODES))
     model, recipe, info = load_model(out / "continual")
     bank = MemoryBank.open(out / "bank", verify="size")
@@ -99,18 +104,25 @@ def quickstart(out: str | Path = "quickstart", steps: int | None = None,
                        reads_sink=trained_with_memory(recipe), progress=True)
     (out / "eval.json").write_text(json.dumps(results, indent=1))
 
-    _stage(8, "generation with memory: which references were read, chunk by chunk")
-    prompt = _prompt(files["heldout"])
+    _stage(8, "generation with memory: a held-out person's traits, and which references it read")
+    prompt, person = _first_person(files["heldout"])
     gen = generate(model, tokenizer, prompt, bank=bank, max_new_tokens=96, encode_now=True)
-    print(f"  {prompt!r} -> {gen.text!r}")
+    truth, told = _pairs(person), _pairs(prompt)
+    said = {t: v for t, v in _pairs(prompt + gen.text).items() if t not in told}
+    correct = sum(truth.get(t) == v for t, v in said.items())
+    print(f"  ...{prompt[-60:]!r} -> {gen.text!r}")
     for r in gen.retrievals:
         print(f"  chunk {r.chunk} (after {r.position} tokens) read: "
-              + " | ".join(ref["text"][:60] for ref in r.references[:2]) + " ...")
+              + " | ".join(ref["text"][-40:] for ref in r.references[:2]) + " ...")
+    print(f"  {correct} of the {len(said)} traits it stated are the person's (1 in 12 by chance)")
 
     summary = {"warmup_val_ppl": warmup.get("val_ppl"), "continual_val_ppl": continual.get("val_ppl"),
                "continual_step": info["step"],
-               **{f"heldout_ppl_{m}": results[m]["perplexity"] for m in EVAL_MODES}}
-    print(f"\nheld-out perplexity: " + ", ".join(
+               **{f"heldout_ppl_{m}": results[m]["perplexity"] for m in EVAL_MODES},
+               "generated_traits": len(said), "generated_traits_correct": correct}
+    ratio = results["memory"]["perplexity"] / results["none"]["perplexity"]
+    print("\nheld-out perplexity: " + ", ".join(
         f"{m} {results[m]['perplexity']:.2f}" for m in EVAL_MODES)
-        + f"  (eval.json)\ndone in {time.time() - start:.0f}s; everything is under {out}/")
+        + f" (memory/none {ratio:.2f}; eval.json)\ndone in {time.time() - start:.0f}s; "
+        f"everything is under {out}/")
     return summary

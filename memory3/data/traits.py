@@ -23,7 +23,8 @@ small model learns; matching a trait to bare values of its kind it did not learn
 look values up in its context, the same lookup that reading memory is.
 
 Three disjoint groups of people: `warm` (text only), `train` (text and bank: continual training
-learns to read) and `heldout` (bank only: evaluation). Used by bench/traits_reading.py.
+learns to read) and `heldout` (bank only: evaluation). Used by `memory3 quickstart` and
+bench/traits_reading.py.
 """
 from __future__ import annotations
 
@@ -76,6 +77,12 @@ VALUES = {trait: words.split() for trait, words in TRAITS.items()}
 SYLLABLES = ("ba be bo da de di do fa fe ga go ka ke ki ko la le li lo ma me mi mo na ne ni no "
              "pa pe ra re ri ro sa se si so ta te ti to va ve vi za zo").split()
 PER_SENTENCE = 4
+# A person's opening sentence (`intro`): a chunk reads what the chunk before it retrieved, so a
+# value is read with its person's records only once the chunk before is mostly about that
+# person. Without it ~60% of the values after chunk 0 sat in chunks that had read the previous
+# person's records (a person's text is ~1.5 chunks).
+INTRO = ("This is the registry entry of {name}. It lists every trait of {name} in the same "
+         "order as all the other entries, four traits to a sentence.")
 
 
 def _name(rng: random.Random, used: set[str]) -> str:
@@ -94,16 +101,19 @@ def person_text(name: str, values: dict[str, str]) -> str:
 
 
 def person_records(name: str, values: dict[str, str], n_records: int,
-                   labelled: bool = False) -> list[str]:
+                   labelled: bool = False, named: bool = True) -> list[str]:
     """The person's values in `n_records` records: record j holds traits j, j + n_records, ...
-    in reverse order (a registry's own order, so a record is not a copy of the text)."""
+    in reverse order (a registry's own order, so a record is not a copy of the text), then
+    " of Name" if `named`."""
     words = [f"{t} {values[t]}" if labelled else values[t] for t in TRAITS]
-    return [" ".join(reversed(words[j::n_records])) + f" of {name}" for j in range(n_records)]
+    return [" ".join(reversed(words[j::n_records])) + (f" of {name}" if named else "")
+            for j in range(n_records)]
 
 
 def write_traits(out: str | Path, n_warm: int = 1500, n_train: int = 4000,
                  n_heldout: int = 200, seed: int = 0, n_records: int = 4,
-                 preamble: bool = True, labelled: bool = False) -> dict[str, Path]:
+                 preamble: bool = True, labelled: bool = False, intro: bool = False,
+                 named: bool = True) -> dict[str, Path]:
     """warm.txt, train.txt, heldout.txt (one person per paragraph) and knowledge.jsonl."""
     rng = random.Random(seed)
     used: set[str] = set()
@@ -118,13 +128,16 @@ def write_traits(out: str | Path, n_warm: int = 1500, n_train: int = 4000,
         paths[g] = out / f"{g}.txt"
         docs = [person_text(n, values[n]) for n in names]
         if g == "warm" and preamble:
-            docs = [" ".join(person_records(n, values[n], n_records, labelled)) + ". " + d
+            docs = [" ".join(person_records(n, values[n], n_records, labelled, named)) + ". " + d
                     for n, d in zip(names, docs)]
+        if intro:  # before the preamble, which stays next to the values it gives
+            docs = [INTRO.format(name=n) + " " + d for n, d in zip(names, docs)]
         paths[g].write_text("\n\n".join(docs) + "\n")
     paths["knowledge"] = out / "knowledge.jsonl"
     with open(paths["knowledge"], "w") as f:
         for g in ("train", "heldout"):  # warm people are nowhere in the bank
             for n in groups[g]:
-                for i, text in enumerate(person_records(n, values[n], n_records, labelled)):
+                for i, text in enumerate(person_records(n, values[n], n_records, labelled,
+                                                        named)):
                     f.write(json.dumps({"id": f"{n.lower()}-{i}", "text": text}) + "\n")
     return paths
