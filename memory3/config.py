@@ -22,6 +22,7 @@ else:  # pragma: no cover - only on 3.10
     import tomli as tomllib
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+LOGGERS = ("jsonl", "tensorboard", "wandb")
 
 # Training phases, by recipe `phase` name -> "module:Class" (memory3/train/phases.py make_phase
 # imports the class on use). Plain strings, so the config validates a recipe without importing
@@ -113,17 +114,30 @@ class ModelConfig:
         return ids
 
     @property
-    def n_params_non_embedding(self) -> int:
+    def matmul_params_per_layer(self) -> int:
         d, hd = self.d_model, self.head_dim
         attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
-        mlp = 3 * d * self.d_mlp
+        return attn + 3 * d * self.d_mlp
+
+    @property
+    def n_params_non_embedding(self) -> int:
+        d = self.d_model
         shift = d if self.token_shift else 0
-        return self.n_layers * (attn + mlp + 2 * d) + d + shift  # + final norm (+ shift gate)
+        # + two norms a layer, the final norm (+ the shift gate)
+        return self.n_layers * (self.matmul_params_per_layer + 2 * d) + d + shift
 
     @property
     def n_params(self) -> int:
         emb = self.vocab_size * self.d_model
         return self.n_params_non_embedding + emb * (1 if self.tie_embeddings else 2)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward and backward) of the dense model: 6 per weight of
+        every matmul (the output head included, the embedding lookup not) plus attention's
+        scores and mixing, 12 x layers x heads x head_dim x seq_len (PaLM, appendix B). Memory
+        reads and reference encoding are not counted."""
+        matmuls = self.n_layers * self.matmul_params_per_layer + self.vocab_size * self.d_model
+        return 6 * matmuls + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -242,6 +256,13 @@ class TrainConfig:
     init_from: str = ""
     # Extra DeepSpeed config entries merged over the generated dict (e.g. offload settings).
     deepspeed: dict[str, Any] = field(default_factory=dict)
+    # Where metrics go: metrics.jsonl always (what tools/plot_metrics.py reads), plus
+    # "tensorboard" (event files in RUN/tensorboard) and "wandb" (offline unless WANDB_MODE says
+    # otherwise; a resumed run continues the same W&B run).
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    # Peak FLOP/s of one device (e.g. 989e12 for an H100's dense bf16): train metrics then carry
+    # mfu, model FLOPs utilisation. 0: not reported.
+    peak_flops: float = 0.0
 
 
 @dataclass
@@ -295,6 +316,15 @@ class Recipe:
         if not 0 <= self.schedule.decay_fraction <= 1:
             raise ConfigError(f"schedule.decay_fraction must be in [0, 1], got "
                               f"{self.schedule.decay_fraction}")
+        loggers = self.train.loggers
+        if isinstance(loggers, str):  # an override such as train.loggers=tensorboard,wandb
+            loggers = [name.strip() for name in loggers.split(",") if name.strip()]
+        if not isinstance(loggers, list) or any(name not in LOGGERS for name in loggers):
+            raise ConfigError(f"train.loggers must be a list of {list(LOGGERS)}, got "
+                              f"{self.train.loggers!r}")
+        self.train.loggers = list(dict.fromkeys(["jsonl", *loggers]))
+        if self.train.peak_flops < 0:
+            raise ConfigError(f"train.peak_flops must be >= 0, got {self.train.peak_flops}")
         for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_every", "save_every",
                      "keep_last", "log_every"):
             if getattr(self.train, name) <= 0:

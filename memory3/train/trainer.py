@@ -21,7 +21,7 @@ from memory3.model import IGNORE_INDEX, Transformer
 from memory3.train import checkpoint
 from memory3.train.deepspeed_config import build_deepspeed_config
 from memory3.train.distributed import all_reduce_sum, init_distributed
-from memory3.train.metrics import MetricsLog
+from memory3.train.metrics import MetricsLog, peak_memory_gb
 from memory3.train.phases import fit_vocab_to_data, make_phase
 from memory3.train.schedule import lr_multiplier
 
@@ -77,12 +77,15 @@ class Trainer:
         self.tokens_per_step = recipe.tokens_per_step(self.world_size)
 
         self.step = 0
+        self.flops_per_step = (recipe.model.flops_per_token(recipe.data.seq_len)
+                               * self.tokens_per_step)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.out_dir / "recipe.json", recipe.to_dict())
-        if resume:
-            self._resume()
-        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.is_main)
+        client = self._resume() if resume else None
+        self.metrics = MetricsLog(self.out_dir, recipe.train.loggers, enabled=self.is_main,
+                                  resumed_at=self.step if client else None,
+                                  state=(client or {}).get("loggers"), config=recipe.to_dict())
 
     def _build_model(self, resume: bool) -> Transformer:
         import deepspeed
@@ -116,10 +119,11 @@ class Trainer:
         return Transformer(self.recipe.model)
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _resume(self):
+    def _resume(self) -> dict[str, Any] | None:
+        """Load the latest checkpoint, if any, and return its client state."""
         tag = checkpoint.latest_tag(self.ckpt_dir)
         if tag is None:
-            return
+            return None
         info = checkpoint.read_info(self.ckpt_dir / tag)
         if info["recipe"]["model"] != self.recipe.model.to_dict():
             raise ConfigError(f"checkpoint {self.ckpt_dir / tag} was trained with a different model "
@@ -131,10 +135,12 @@ class Trainer:
         checkpoint.set_rng_state(client["rng"])
         if self.is_main:
             print(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
+        return client
 
     def save(self):
         client = {"step": self.step, "phase": self.phase.state_dict(),
-                  "rng": checkpoint.rng_state(), "recipe": self.recipe.to_dict()}
+                  "rng": checkpoint.rng_state(), "recipe": self.recipe.to_dict(),
+                  "loggers": self.metrics.state()}
         info = {"recipe": self.recipe.to_dict(), "step": self.step,
                 "tokens": self.step * self.tokens_per_step, "world_size": self.world_size,
                 "phase": self.recipe.phase}
@@ -162,9 +168,14 @@ class Trainer:
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
         elapsed = time.perf_counter() - start
-        return {"loss": loss_sum / (self.grad_accum * self.world_size), "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "tokens_per_s": self.tokens_per_step / elapsed}
+        stats = {"loss": loss_sum / (self.grad_accum * self.world_size), "lr": lr,
+                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                 "tokens_per_s": self.tokens_per_step / elapsed,
+                 "peak_memory_gb": peak_memory_gb(self.device)}
+        if self.recipe.train.peak_flops > 0:
+            stats["mfu"] = (self.flops_per_step / elapsed
+                            / (self.recipe.train.peak_flops * self.world_size))
+        return stats
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
