@@ -37,7 +37,7 @@ from quickstart_losses import mode_losses  # noqa: E402
 from memory3.config import Recipe  # noqa: E402
 from memory3.data import Tokenizer, prepare_data, train_tokenizer  # noqa: E402
 from memory3.data.tokenizer import PAD_ID  # noqa: E402
-from memory3.data.traits import (INTRO, TRAITS, VALUES, person_records, person_text,  # noqa: E402
+from memory3.data.traits import (INTROS, TRAITS, VALUES, person_records, person_text,  # noqa: E402
                                  write_traits)
 from memory3.eval.perplexity import evaluate, text_sequences  # noqa: E402
 from memory3.memory.bank import MemoryBank  # noqa: E402
@@ -59,7 +59,7 @@ def value_positions(tok: Tokenizer, ids: list[int]) -> list[int]:
 
 @torch.no_grad()
 def in_context_probe(model, tok: Tokenizer, labelled: bool, n_records: int = 4,
-                     n: int = 16, intro: bool = False, named: bool = True) -> dict[str, float]:
+                     n: int = 16, intro: str = "", named: bool = True) -> dict[str, float]:
     """Mean loss of the text's values for made-up people, with their records in front or not."""
     rng = random.Random(5)
     out = {"records_in_front": [], "text_alone": []}
@@ -67,7 +67,7 @@ def in_context_probe(model, tok: Tokenizer, labelled: bool, n_records: int = 4,
         name = "".join(rng.choice(["ba", "ko", "ri", "te", "mu", "sa"]) for _ in range(3)).title()
         values = {t: rng.choice(v) for t, v in VALUES.items()}
         text = person_text(name, values)
-        opening = INTRO.format(name=name) + " " if intro else ""
+        opening = INTROS[intro].format(name=name) + " " if intro else ""
         for key, prefix in (("records_in_front", " ".join(person_records(
                 name, values, n_records, labelled, named)) + ". "), ("text_alone", "")):
             ids = [tok.bos_id] + tok.encode(opening + prefix + text)
@@ -148,7 +148,8 @@ def main(argv=None):
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--labelled", action="store_true", help="records hold 'trait value' pairs")
     p.add_argument("--records", type=int, default=4, help="records per person")
-    p.add_argument("--intro", action="store_true", help="each person's text opens with INTRO")
+    p.add_argument("--intro", choices=sorted(INTROS), default="",
+                   help="each person's text opens with these sentences (traits.INTROS)")
     p.add_argument("--unnamed", action="store_true", help="records without ' of Name'")
     p.add_argument("--no-preamble", action="store_true",
                    help="warmup text without the person's records in front")

@@ -49,3 +49,14 @@ def test_deterministic_and_records_pass_the_evaluation_overlap_filter(tmp_path):
         # A record lists the values the text states, but not as a copy of it (with a tokenizer
         # of a few hundred people; from a few dozen, pieces of single letters match anywhere).
         assert all(overlap(tok.encode(r), tok.encode(doc)) <= EVAL_OVERLAP for r in mine)
+
+
+def test_intro_opens_every_text_before_the_warmup_records(tmp_path):
+    paths = write_traits(tmp_path, n_warm=5, n_train=5, n_heldout=5, labelled=True,
+                         intro="listed")
+    for g in ("warm", "train", "heldout"):
+        for doc in paths[g].read_text().strip().split("\n\n"):
+            name = re.search(r"(\w+) has ", doc).group(1)
+            assert doc.startswith(f"{name} is in the registry.")
+            if g == "warm":  # intro, then the records, then the text
+                assert doc.index(f" of {name}") < doc.index(f"{name} has")

@@ -77,12 +77,17 @@ VALUES = {trait: words.split() for trait, words in TRAITS.items()}
 SYLLABLES = ("ba be bo da de di do fa fe ga go ka ke ki ko la le li lo ma me mi mo na ne ni no "
              "pa pe ra re ri ro sa se si so ta te ti to va ve vi za zo").split()
 PER_SENTENCE = 4
-# A person's opening sentence (`intro`): a chunk reads what the chunk before it retrieved, so a
-# value is read with its person's records only once the chunk before is mostly about that
-# person. Without it ~60% of the values after chunk 0 sat in chunks that had read the previous
-# person's records (a person's text is ~1.5 chunks).
-INTRO = ("This is the registry entry of {name}. It lists every trait of {name} in the same "
-         "order as all the other entries, four traits to a sentence.")
+# A person's opening sentences (`intro`, by name): a chunk reads what the chunk before it
+# retrieved, so a value is read with its person's records only once the chunk before is mostly
+# about that person. Without one, ~60% of the values after chunk 0 sat in chunks that had read
+# the previous person's records (a person's text is ~1.5 chunks). "listed" avoids "of Name",
+# the way records end.
+INTROS = {
+    "entry": ("This is the registry entry of {name}. It lists every trait of {name} in the same "
+              "order as all the other entries, four traits to a sentence."),
+    "listed": ("{name} is in the registry. Like every entry, it lists thirty-two traits in the "
+               "same order, four traits to a sentence."),
+}
 
 
 def _name(rng: random.Random, used: set[str]) -> str:
@@ -112,7 +117,7 @@ def person_records(name: str, values: dict[str, str], n_records: int,
 
 def write_traits(out: str | Path, n_warm: int = 1500, n_train: int = 4000,
                  n_heldout: int = 200, seed: int = 0, n_records: int = 4,
-                 preamble: bool = True, labelled: bool = False, intro: bool = False,
+                 preamble: bool = True, labelled: bool = False, intro: str = "",
                  named: bool = True) -> dict[str, Path]:
     """warm.txt, train.txt, heldout.txt (one person per paragraph) and knowledge.jsonl."""
     rng = random.Random(seed)
@@ -131,7 +136,7 @@ def write_traits(out: str | Path, n_warm: int = 1500, n_train: int = 4000,
             docs = [" ".join(person_records(n, values[n], n_records, labelled, named)) + ". " + d
                     for n, d in zip(names, docs)]
         if intro:  # before the preamble, which stays next to the values it gives
-            docs = [INTRO.format(name=n) + " " + d for n, d in zip(names, docs)]
+            docs = [INTROS[intro].format(name=n) + " " + d for n, d in zip(names, docs)]
         paths[g].write_text("\n\n".join(docs) + "\n")
     paths["knowledge"] = out / "knowledge.jsonl"
     with open(paths["knowledge"], "w") as f:
