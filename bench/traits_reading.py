@@ -158,6 +158,7 @@ def main(argv=None):
     p.add_argument("--continual-steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--model", nargs="*", default=[], help="model.* overrides")
+    p.add_argument("--warm", nargs="*", default=[], help="extra warmup overrides")
     p.add_argument("--continual", nargs="*", default=[], help="extra continual overrides")
     p.add_argument("--tag", default="continual")
     args = p.parse_args(argv)
@@ -176,7 +177,7 @@ def main(argv=None):
     common = [*COMMON, f"optim.lr={args.lr}", *model]
     train(Recipe.from_name("tiny-warmup").override(
         [*common, f"data.path={out / 'shards_warm'}", f"train.max_steps={args.warm_steps}",
-         f"train.save_every={args.warm_steps}"]), out / "warmup", progress=False)
+         f"train.save_every={args.warm_steps}", *args.warm]), out / "warmup", progress=False)
     warm = load_model(out / "warmup")[0].eval()
     probe = in_context_probe(warm, tok, args.labelled, args.records, intro=args.intro,
                              named=not args.unnamed)
