@@ -474,3 +474,12 @@ def test_segments_may_live_outside_the_bank_folder(tmp_path, references, encoder
     bank = MemoryBank.open(tmp_path / "bank")
     assert bank.retrieve([references[1].text], 1)[0][0, 0] == 1
     assert bank.memories([1, 5]).mask.all()
+
+
+def test_a_bank_fits_models_that_differ_only_in_what_shapes_no_memory(tmp_path):
+    cfg = ModelConfig.from_name("tiny")
+    bank = MemoryBank.create(tmp_path / "bank", cfg)
+    bank.check_model_config(ModelConfig.from_name("tiny", max_seq_len=512, init_std=0.05))
+    with pytest.raises(BankError, match="memory_top_k"):
+        bank.check_model_config(ModelConfig.from_name("tiny", memory_top_k=4))
+    bank.close()

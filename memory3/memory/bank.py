@@ -62,9 +62,15 @@ class ReferenceRecord:
     encoder_id: str | None  # None: no memory yet (cold)
 
 
+# Fields that change no memory: the preset's name is a label, the init scale is gone once there
+# are weights, and the longest sequence only sizes rotary tables (a warmup at 512 tokens and its
+# continual run at 256 read the same bank).
+_NOT_IN_MEMORIES = ("name", "init_std", "max_seq_len")
+
+
 def _config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    # The preset name is a label: a config equal in every field encodes the same memories.
-    return sorted(k for k in set(a) | set(b) if k != "name" and a.get(k) != b.get(k))
+    return sorted(k for k in set(a) | set(b)
+                  if k not in _NOT_IN_MEMORIES and a.get(k) != b.get(k))
 
 
 def checkpoint_encoder(path: str | Path) -> dict[str, Any]:
