@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from memory3.memory.encoder import MemoryEncoder
-from memory3.memory.reading import chunk_memories
+from memory3.memory.reading import chunk_memories, sink_only
 from memory3.model import Transformer
 from memory3.model.transformer import sample_next
 
@@ -62,11 +62,14 @@ def rag_inputs(reference_tokens: list[int], context: list[int], chunk_start: int
 @torch.no_grad()
 def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, mode: str = "memory",
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
-             seed: int = 0, stop_at_eos: bool = True, encode_now: bool = False) -> Generation:
+             seed: int = 0, stop_at_eos: bool = True, encode_now: bool = False,
+             reads_sink: bool = False) -> Generation:
     """Continue `prompt`, retrieving from `bank` every chunk (no bank: plain decoding).
 
     mode: "memory" or "rag" (module docstring). encode_now: encode retrieved references with this
-    model rather than reading the bank's memories (for a bank filled by other weights)."""
+    model rather than reading the bank's memories (for a bank filled by other weights).
+    reads_sink: with no bank, still read the reference-BOS sink in every chunk, as a model
+    trained with memory does in every forward (mode `none` of `memory3 eval`)."""
     if mode not in MODES:
         raise ValueError(f"unknown generation mode {mode!r}; known: {list(MODES)}")
     cfg = model.cfg
@@ -109,20 +112,22 @@ def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, mode: str
                          last_only=True).logits[0, -1]
     else:
         cache = model.new_cache(1, total)
-        encoder = MemoryEncoder(model) if bank is not None else None
+        encoder = MemoryEncoder(model) if bank is not None or reads_sink else None
         sink = encoder.sink_kv() if encoder is not None else None
         reader = dict(device=device, dtype=model.embed.weight.dtype,
                       encoder=encoder if encode_now else None)
         if bank is not None:  # every prompt chunk reads its own memories
             rows = np.stack([retrieve(c) for c in range(-(-prompt_len // L))])[None]  # (1, C, M)
             memory = chunk_memories(bank, rows, sink, **reader)
+        elif sink is not None:  # the sink alone, in every chunk there will be
+            memory = sink_only(sink, torch.zeros(1, total, dtype=torch.long), cfg)
 
         def read(chunk: int) -> torch.Tensor:
             nonlocal memory
             if chunk * L < prompt_len:  # the prompt, with all its chunks' memories
                 logits = model(torch.tensor([tokens], device=device), cache=cache, memory=memory,
                                last_only=True).logits[0, -1]
-                if memory is not None:  # decoding continues in this chunk with its memories
+                if bank is not None:  # decoding continues in this chunk with its memories
                     memory = chunk_memories(bank, rows[:, chunk:], sink, first_chunk=chunk,
                                             **reader)
                 return logits

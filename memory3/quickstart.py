@@ -104,22 +104,27 @@ def quickstart(out: str | Path = "quickstart", steps: int | None = None,
                        reads_sink=trained_with_memory(recipe), progress=True)
     (out / "eval.json").write_text(json.dumps(results, indent=1))
 
-    _stage(8, "generation with memory: a held-out person's traits, and which references it read")
+    _stage(8, "generation: a held-out person's traits with memory (and without)")
     prompt, person = _first_person(files["heldout"])
-    gen = generate(model, tokenizer, prompt, bank=bank, max_new_tokens=96, encode_now=True)
     truth, told = _pairs(person), _pairs(prompt)
-    said = {t: v for t, v in _pairs(prompt + gen.text).items() if t not in told}
-    correct = sum(truth.get(t) == v for t, v in said.items())
-    print(f"  ...{prompt[-60:]!r} -> {gen.text!r}")
-    for r in gen.retrievals:
-        print(f"  chunk {r.chunk} (after {r.position} tokens) read: "
-              + " | ".join(ref["text"][-40:] for ref in r.references[:2]) + " ...")
-    print(f"  {correct} of the {len(said)} traits it stated are the person's (1 in 12 by chance)")
+    correct = {}
+    for mode in ("memory", "none"):
+        gen = generate(model, tokenizer, prompt, bank=bank if mode == "memory" else None,
+                       max_new_tokens=96, encode_now=True, reads_sink=True)
+        said = {t: v for t, v in _pairs(prompt + gen.text).items() if t not in told}
+        correct[mode] = (sum(truth.get(t) == v for t, v in said.items()), len(said))
+        if mode == "memory":
+            print(f"  ...{prompt[-60:]!r} -> {gen.text!r}")
+            for r in gen.retrievals:
+                print(f"  chunk {r.chunk} (after {r.position} tokens) read: "
+                      + " | ".join(ref["text"][-40:] for ref in r.references[:2]) + " ...")
+    print("  traits it stated that are the person's: " + ", ".join(
+        f"{m} {k} of {n}" for m, (k, n) in correct.items()) + " (1 in 12 by chance)")
 
     summary = {"warmup_val_ppl": warmup.get("val_ppl"), "continual_val_ppl": continual.get("val_ppl"),
                "continual_step": info["step"],
                **{f"heldout_ppl_{m}": results[m]["perplexity"] for m in EVAL_MODES},
-               "generated_traits": len(said), "generated_traits_correct": correct}
+               **{f"generated_traits_right_{m}": k for m, (k, _) in correct.items()}}
     ratio = results["memory"]["perplexity"] / results["none"]["perplexity"]
     print("\nheld-out perplexity: " + ", ".join(
         f"{m} {results[m]['perplexity']:.2f}" for m in EVAL_MODES)

@@ -2,6 +2,7 @@
 rebuilt cache equals a full forward over the same [references; context]."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -90,3 +91,37 @@ def test_unknown_mode_is_refused(parts):
     model, tok, bank = parts
     with pytest.raises(ValueError, match="unknown generation mode"):
         generate(model, tok, PROMPT, bank=bank, mode="text")
+
+
+def test_without_a_bank_a_model_trained_with_memory_decodes_reading_its_sink(parts):
+    """reads_sink decoding (KV cache, sink-only memories) equals a plain reference, a full
+    forward per token over the whole sequence reading the sink alone; every forward of it is
+    given the sink, and none without reads_sink."""
+    from memory3.memory.encoder import MemoryEncoder
+    from memory3.memory.reading import sink_only
+    model, tok, _ = parts
+    model = copy.deepcopy(model)
+    seen = []
+    forward = model.forward
+
+    def recording(*args, memory=None, **kwargs):
+        seen.append(memory is not None and memory.sink is not None)
+        return forward(*args, memory=memory, **kwargs)
+
+    model.forward = recording
+    out = generate(model, tok, PROMPT, max_new_tokens=3 * L, reads_sink=True)
+    assert len(seen) > 3 * L - 5 and all(seen)
+    seen.clear()
+    generate(model, tok, PROMPT, max_new_tokens=3 * L)
+    assert seen and not any(seen)
+    model.forward = forward
+    sink = MemoryEncoder(model).sink_kv()
+    tokens = [tok.bos_id, *tok.encode(PROMPT)]
+    with torch.no_grad():
+        for _ in range(3 * L):
+            x = torch.tensor([tokens])
+            tokens.append(int(model(x, memory=sink_only(sink, x, model.cfg)).logits[0, -1]
+                              .argmax()))
+            if tokens[-1] == tok.eos_id:
+                break
+    assert out.tokens == tokens

@@ -17,6 +17,7 @@ def test_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert set(results) == {"none", "memory", "rag"}
     assert all(r["perplexity"] > 1 and r["tokens"] > 0 for r in results.values())
     assert re.search(r"chunk 0 \(after \d+ tokens\) read: .* of [A-Z][a-z]+", printed)
+    assert re.search(r"memory \d+ of \d+, none \d+ of \d+", printed)
     stamp = (out / "warmup" / "checkpoints" / "latest").stat().st_mtime_ns
     main(["quickstart", "--out", str(out), "--steps", "8", "--continual-steps", "4"])
     assert (out / "warmup" / "checkpoints" / "latest").stat().st_mtime_ns == stamp

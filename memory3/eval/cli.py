@@ -100,12 +100,15 @@ def add_generate_parser(sub):
 def cmd_generate(args):
     from dataclasses import asdict
 
+    from memory3.eval.perplexity import trained_with_memory
     from memory3.generate import generate
-    model, _, tokenizer, bank = _load(args)
+    model, recipe, tokenizer, bank = _load(args)
+    # Without a bank, a model trained with memory still reads its sink, as in `eval --modes none`.
     out = generate(model, tokenizer, args.prompt, bank=bank, mode=args.mode,
                    max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                   encode_now=bool(args.bank and args.encode_now))
+                   encode_now=bool(args.bank and args.encode_now),
+                   reads_sink=trained_with_memory(recipe))
     print(args.prompt + out.text)
     for r in out.retrievals:
         print(f"\n[chunk {r.chunk}, after {r.position} tokens] retrieved:")

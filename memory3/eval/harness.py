@@ -31,7 +31,6 @@ from memory3.eval.perplexity import eval_memories, rag_logits
 from memory3.generate import generate
 from memory3.memory.encoder import MemoryEncoder
 from memory3.memory.reading import sink_only
-from memory3.model.transformer import sample_next
 
 MODES = ("none", "memory", "rag")
 
@@ -148,36 +147,17 @@ class Memory3LM(TemplateLM):
             prompt = self.tok.encode(context)
             if len(prompt) + 1 + new_tokens > max_len:
                 context = self.tok.decode(prompt[-(max_len - 1 - new_tokens):])
-            if self.mode == "none" and self.sink is not None:
-                out = self._generate_with_sink(context, new_tokens, temperature)
-            else:
-                out = generate(self.model, self.tok, context,
-                               bank=None if self.mode == "none" else self.bank,
-                               mode="memory" if self.mode == "none" else self.mode,
-                               max_new_tokens=new_tokens, temperature=temperature,
-                               encode_now=self.encode_now).text
+            out = generate(self.model, self.tok, context,
+                           bank=None if self.mode == "none" else self.bank,
+                           mode="memory" if self.mode == "none" else self.mode,
+                           max_new_tokens=new_tokens, temperature=temperature,
+                           encode_now=self.encode_now, reads_sink=self.sink is not None).text
             for stop in until:  # generate stops at EOS only; cut at the first stop string
                 if stop and stop in out:
                     out = out[:out.index(stop)]
             results.append(out)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), out)
         return results
-
-
-    @torch.no_grad()
-    def _generate_with_sink(self, context: str, new_tokens: int, temperature: float) -> str:
-        """Decoding that reads the sink alone, as mode none scores a model trained with memory
-        (generate() has no such mode). Without a KV cache: a full forward per token."""
-        tokens = [self.tok.bos_id, *self.tok.encode(context)]
-        prompt_len = len(tokens)
-        generator = torch.Generator(device=self._device).manual_seed(0)
-        for _ in range(new_tokens):
-            x = torch.tensor([tokens], device=self._device)
-            logits = self.model(x, memory=sink_only(self.sink, x, self.model.cfg)).logits[:, -1]
-            tokens.append(int(sample_next(logits, temperature, None, generator)[0]))
-            if tokens[-1] == self.tok.eos_id:
-                break
-        return self.tok.decode(tokens[prompt_len:])
 
 
 def run_tasks(model, tokenizer, tasks: Sequence[str], modes: Sequence[str], *, bank=None,
