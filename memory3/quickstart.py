@@ -110,7 +110,8 @@ def quickstart(out: str | Path = "quickstart", steps: int | None = None,
     correct = {}
     for mode in ("memory", "none"):
         gen = generate(model, tokenizer, prompt, bank=bank if mode == "memory" else None,
-                       max_new_tokens=96, encode_now=True, reads_sink=True)
+                       max_new_tokens=96, encode_now=True,
+                       reads_sink=trained_with_memory(recipe))
         said = {t: v for t, v in _pairs(prompt + gen.text).items() if t not in told}
         correct[mode] = (sum(truth.get(t) == v for t, v in said.items()), len(said))
         if mode == "memory":
