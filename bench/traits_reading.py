@@ -36,14 +36,13 @@ from quickstart_losses import mode_losses  # noqa: E402
 
 from memory3.config import Recipe  # noqa: E402
 from memory3.data import Tokenizer, prepare_data, train_tokenizer  # noqa: E402
-from memory3.data.tokenizer import PAD_ID  # noqa: E402
 from memory3.data.traits import (INTROS, TRAITS, VALUES, person_records, person_text,  # noqa: E402
                                  write_traits)
 from memory3.eval.perplexity import evaluate, text_sequences  # noqa: E402
 from memory3.memory.bank import MemoryBank  # noqa: E402
 from memory3.memory.build import build_bank  # noqa: E402
 from memory3.memory.encoder import MemoryEncoder  # noqa: E402
-from memory3.memory.references import pack_references  # noqa: E402
+from memory3.memory.reading import encode_distinct  # noqa: E402
 from memory3.train.checkpoint import load_model  # noqa: E402
 from memory3.train.trainer import train  # noqa: E402
 
@@ -103,19 +102,15 @@ def value_losses(model, tok: Tokenizer, bank, sequences: torch.Tensor,
     x, y = sequences[:, :-1], sequences[:, 1:]
     L = model.cfg.chunk_len
     losses, rows = mode_losses(model, tok, bank, x, y)
-    encoder, kept_of = MemoryEncoder(model), {}
-
-    def kept(row: int) -> tuple[str, set[str]]:  # a record's person and its kept value words
-        if row not in kept_of:
-            record = bank.references([row])[0]
-            tokens, lengths = pack_references([record.tokens], ref_bos_id=encoder.ref_bos_id,
-                                              pad_id=PAD_ID, reference_len=model.cfg.reference_len)
-            pos = encoder.encode(tokens, lengths).positions[0, 0]          # (G, K), layer 0
-            pieces = ["<ref>"] + [tok.decode([t]).strip() for t in record.tokens]
-            kept_of[row] = (owners[int(record.doc_id.rsplit("#", 1)[1])],
-                            {pieces[i] for i in pos.flatten().tolist()
-                             if i > 0 and pieces[i - 1] in TRAITS and pieces[i] in VALUES[pieces[i - 1]]})
-        return kept_of[row]
+    # Each record the causal reads hold, encoded once: its person and the values layer 0 keeps.
+    distinct, _, memories = encode_distinct(MemoryEncoder(model), bank, rows["memory"])
+    kept_of = {}
+    for row, record, pos in zip(distinct.tolist(), bank.references(distinct),
+                                memories.positions[:, 0]):                # (G, K), layer 0
+        kept = set(pos.flatten().tolist())  # positions count the reference-BOS as 0
+        kept_of[row] = (owners[int(record.doc_id.rsplit("#", 1)[1])],
+                        {tok.decode([record.tokens[j]]).strip()
+                         for j in value_positions(tok, list(record.tokens)) if j + 1 in kept})
 
     where, kinds = [], []
     for b in range(len(y)):
@@ -124,7 +119,7 @@ def value_losses(model, tok: Tokenizer, bank, sequences: torch.Tensor,
         for j in value_positions(tok, ids):
             if j < L:
                 continue
-            read = [kept(int(r)) for r in rows["memory"][b, j // L] if r >= 0]
+            read = [kept_of[int(r)] for r in rows["memory"][b, j // L] if r >= 0]
             value = tok.decode([ids[j]]).strip()
             mine = [words for person, words in read if person == people[j]]
             where.append((b, j))

@@ -20,8 +20,8 @@ TENSORBOARD_DIR = "tensorboard"
 class MetricsLog:
     """One record per event (`kind` "train" or "eval", `step`, numbers), written by rank 0 only
     (`enabled`) to every logger. A resumed run keeps appending to metrics.jsonl; TensorBoard drops
-    what an earlier attempt logged after `resumed_at` (the checkpoint's step); W&B continues the run whose id `state`
-    holds (what `state()` returned when the checkpoint was saved)."""
+    what an earlier attempt logged after `resumed_at` (the checkpoint's step); W&B continues the
+    run whose id `state` holds (what `state()` returned when the checkpoint was saved)."""
 
     def __init__(self, run_dir: str | Path, loggers: list[str] = ("jsonl",), *,
                  enabled: bool = True, resumed_at: int | None = None,
