@@ -166,7 +166,9 @@ def load_tokenizer(path: str | Path, tokenizer: str | Path | None = None):
     from memory3.data import DataError, Tokenizer, load_manifest
 
     if tokenizer is not None:
-        return Tokenizer(tokenizer)
+        tok = Tokenizer(tokenizer)
+        check_tokenizer(path, tok, Recipe.from_dict(read_info(path)["recipe"]).model.vocab_size)
+        return tok
     carried = carried_tokenizer(path)
     if carried is not None:
         return carried
@@ -176,6 +178,43 @@ def load_tokenizer(path: str | Path, tokenizer: str | Path | None = None):
     except (DataError, KeyError) as e:
         raise CheckpointError(f"cannot find the tokenizer of checkpoint {path} through its "
                               f"data.path {recipe.data.path!r} ({e}); pass --tokenizer") from e
+
+
+def _own_tokenizer(path: str | Path) -> tuple[str, str] | None:
+    """(sha256, where it is recorded) of the tokenizer checkpoint `path` was trained with: the
+    one an exported folder carries, else the one its data.path was prepared with; None when
+    neither can be read (data moved away)."""
+    from memory3.data import DataError, load_manifest
+
+    ckpt_dir, tag = resolve(path)
+    info = json.loads((ckpt_dir / tag / INFO_FILE).read_text())
+    if exported(info, ckpt_dir / tag):
+        listed = (info.get("files") or {}).get(EXPORT_TOKENIZER)
+        return (listed["sha256"], str(ckpt_dir / tag / INFO_FILE)) if listed else None
+    data = Recipe.from_dict(info["recipe"]).data.path
+    try:
+        recorded = load_manifest(data)["tokenizer"]
+        return recorded["sha256"], str(Path(data) / "manifest.json")
+    except (DataError, KeyError, TypeError):
+        return None
+
+
+def check_tokenizer(path: str | Path, tokenizer, vocab_size: int) -> None:
+    """Raise unless `tokenizer` can be checkpoint `path`'s own: no more tokens than its model's
+    vocab_size, and, where the checkpoint's tokenizer is on record, the same file (sha256).
+    Another tokenizer's ids are other text to the model: every loss or generation would be
+    meaningless (or an index error past the embedding)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise CheckpointError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more "
+                              f"than the model.vocab_size {vocab_size} of checkpoint {path}: not "
+                              f"its tokenizer (leave --tokenizer out to use its own)")
+    own = _own_tokenizer(path)
+    if own is not None and own[0] != tokenizer.sha256:
+        raise CheckpointError(f"tokenizer {tokenizer.path} (sha256 {tokenizer.sha256[:12]}...) is "
+                              f"not the one checkpoint {path} was trained with (sha256 "
+                              f"{own[0][:12]}..., recorded in {own[1]}): its token ids would "
+                              f"mean other text to the model (leave --tokenizer out to use its "
+                              f"own)")
 
 
 def model_config(path: str | Path) -> ModelConfig:

@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from memory3.cliargs import positive_int
+
 
 def _add_train(sub):
     p = sub.add_parser("train", help="pretrain from a recipe (alone or under deepspeed/torchrun)",
@@ -81,10 +83,10 @@ def _add_prepare_data(sub):
     _add_inputs(p)
     p.add_argument("--tokenizer", required=True, help="tokenizer.model or its folder")
     p.add_argument("--out", required=True, help="folder for shards and manifest.json")
-    p.add_argument("--shard-tokens", type=int, default=2**24)
+    p.add_argument("--shard-tokens", type=positive_int, default=2**24)
     p.add_argument("--valid-fraction", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0, help="seed of the train/valid document split")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=positive_int, default=None,
                    help="tokenization threads (default: every core); the shards are the same "
                         "bytes whatever the count")
     p.set_defaults(func=cmd_prepare_data)

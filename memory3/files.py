@@ -71,6 +71,13 @@ def hold_write_lock(folder: Path, error: type[Exception]) -> IO[str]:
     records its holder (pid, host, start) for the message a second writer gets. The lock lasts
     while the returned file stays open. The kernel drops a flock when its process dies, so a lock
     left by a killed writer is simply taken over by the next one (the record is rewritten)."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                below = "" if path == folder else f", so {folder} cannot be made below it"
+                raise error(f"{path} is a file{below}; expected a folder (new or existing) to "
+                            f"write into")
+            break
     folder.mkdir(parents=True, exist_ok=True)
     f = open(folder / LOCK_FILE, "a+")
     try:

@@ -79,8 +79,9 @@ def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, mode: str
     prompt_len = len(tokens)
     total = min(len(tokens) + max_new_tokens, cfg.max_seq_len)
     if len(tokens) >= total:
-        raise ValueError(f"prompt of {len(tokens)} tokens leaves no room under max_seq_len "
-                         f"{cfg.max_seq_len}")
+        from memory3.data import DataError  # a ValueError: bad input, reported without traceback
+        raise DataError(f"the prompt is {len(tokens)} tokens (with BOS), which leaves no room to "
+                        f"generate under the model's max_seq_len {cfg.max_seq_len}: shorten it")
     generator = torch.Generator(device=device).manual_seed(seed)
     result = Generation(text="", tokens=tokens)
 

@@ -95,7 +95,7 @@ class ReadStats:
     def summary(self) -> str:
         parts = [f"read {self.documents} documents from {self.files} files"]
         if self.undecodable_lines:
-            parts.append(f"skipped {self.undecodable_lines} undecodable lines "
+            parts.append(f"skipped {self.undecodable_lines} undecodable lines, not UTF-8 "
                          f"({_worst_files(self.undecodable_by_file)})")
         if self.bad_json_lines:
             parts.append(f"skipped {self.bad_json_lines} bad JSON lines "

@@ -1,8 +1,10 @@
 """`memory3 eval` and `memory3 generate`: a checkpoint with and without its memory bank."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import argparse
+
+from memory3.cliargs import non_negative_float, non_negative_int, output_file, positive_int
+from memory3.cliargs import write_json
 
 
 def _load(args):
@@ -16,14 +18,39 @@ def _load(args):
     if args.bank:
         from memory3.memory.bank import MemoryBank
         from memory3.memory.bank import checkpoint_encoder_id
+        from memory3.memory.build import check_bank_tokenizer
         bank = MemoryBank.open(args.bank, verify="size")
         bank.check_model_config(recipe.model, f"checkpoint {args.checkpoint}")
+        check_bank_tokenizer(bank, tokenizer, f"build a bank for checkpoint {args.checkpoint} "
+                                              f"with `memory3 build-bank`")
         encoders = {e["id"] for e in bank.manifest["encoders"]}
         args.encode_now = checkpoint_encoder_id(args.checkpoint) not in encoders
         if args.encode_now:
             print(f"the memories in {args.bank} were encoded by other weights: encoding the "
                   f"retrieved references with {args.checkpoint} as they are read")
     return model, recipe, tokenizer, bank
+
+
+def _modes(known):
+    """argparse type: a comma list of modes from `known`."""
+    def parse(text: str) -> list[str]:
+        modes = [m for m in text.split(",") if m]
+        unknown = [m for m in modes if m not in known]
+        if unknown or not modes:
+            what = f"unknown mode(s) {', '.join(unknown)}" if unknown else "no mode"
+            raise argparse.ArgumentTypeError(f"{what} in {text!r}; choose from "
+                                             f"{', '.join(known)}")
+        return modes
+    return parse
+
+
+def _needs_bank(args) -> None:
+    """Modes that read references need --bank: refused before the checkpoint is loaded."""
+    if set(args.modes) - {"none"} and not args.bank:
+        from memory3.memory.store import BankError
+        raise BankError(f"--modes {','.join(sorted(set(args.modes) - {'none'}))} read "
+                        f"references: pass --bank (a folder made by `memory3 build-bank`), or "
+                        f"--modes none")
 
 
 def _common(p):
@@ -39,29 +66,36 @@ def add_eval_parser(sub):
     _common(p)
     p.add_argument("--data", nargs="+", required=True, help=INPUTS_HELP)
     p.add_argument("--glob", action="append", default=None, metavar="PATTERN", help=GLOB_HELP)
-    p.add_argument("--modes", default="none,memory,rag",
+    from memory3.eval.perplexity import MODES
+    p.add_argument("--modes", default="none,memory,rag", type=_modes(MODES),
                    help="comma list of none, memory, rag, memory_own_chunk (an upper bound)")
-    p.add_argument("--seq-len", type=int, help="default: the checkpoint's data.seq_len")
-    p.add_argument("--max-sequences", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=positive_int, help="default: the checkpoint's data.seq_len")
+    p.add_argument("--max-sequences", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--text-field", default="text",
                    help="JSON Lines field or Parquet column holding the text")
-    p.add_argument("--copy-probe", type=int, default=0, metavar="LENGTH",
+    p.add_argument("--copy-probe", type=non_negative_int, default=0, metavar="LENGTH",
                    help="also run the copy probe (eval/copying.py) on the first LENGTH tokens of "
                         "up to 64 documents of --data, each fed twice: loss on the second copy "
                         "vs the first (whether the model uses its context at all)")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", type=output_file, help="write the results here")
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args):
     from memory3.eval.perplexity import evaluate, text_sequences, trained_with_memory
+    _needs_bank(args)
     model, recipe, tokenizer, bank = _load(args)
+    if args.seq_len and args.seq_len > recipe.model.max_seq_len:
+        from memory3.checkpoints import CheckpointError
+        raise CheckpointError(f"--seq-len {args.seq_len} is longer than checkpoint "
+                              f"{args.checkpoint} reads (model.max_seq_len "
+                              f"{recipe.model.max_seq_len})")
     seqs = text_sequences(args.data, tokenizer, args.seq_len or recipe.data.seq_len,
                           max_sequences=args.max_sequences, text_field=args.text_field,
                           glob=args.glob)
     print(f"{len(seqs)} sequences of {seqs.shape[1] - 1} tokens from {', '.join(args.data)}")
-    results = evaluate(model, tokenizer, seqs, args.modes.split(","), bank=bank,
+    results = evaluate(model, tokenizer, seqs, args.modes, bank=bank,
                        batch_size=args.batch_size, encode_now=bool(args.bank and args.encode_now),
                        reads_sink=trained_with_memory(recipe), progress=True)
     if args.copy_probe:
@@ -78,7 +112,7 @@ def cmd_eval(args):
               f"{probe['first_copy_loss']:.3f} on the first copy, {probe['second_copy_loss']:.3f} "
               f"on the second (ratio {probe['ratio']:.3f})")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_json(args.json, results)
         print(f"wrote {args.json}")
 
 
@@ -89,11 +123,11 @@ def add_generate_parser(sub):
     p.add_argument("--mode", choices=["memory", "rag"], default="memory",
                    help="read the retrieved references as memories, or as text in front of the "
                         "context (rag: same references, cache rebuilt every chunk)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=positive_int)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write text and provenance here")
+    p.add_argument("--json", type=output_file, help="write text and provenance here")
     p.set_defaults(func=cmd_generate)
 
 
@@ -116,7 +150,7 @@ def cmd_generate(args):
             print(f"  row {ref['row']} ({ref['doc_id']} tokens {ref['start']}-{ref['end']}): "
                   f"{ref['text'][:100]!r}")
     if args.json:
-        Path(args.json).write_text(json.dumps(asdict(out), indent=1))
+        write_json(args.json, asdict(out))
 
 
 def add_lm_eval_parser(sub):
@@ -136,7 +170,8 @@ def add_lm_eval_parser(sub):
     p.add_argument("--bootstrap-iters", type=int, default=100_000,
                    help="resamples for the standard errors of non-mean metrics (lm_eval's "
                         "default; lower is faster)")
-    p.add_argument("--json", required=True, help="write every task's metrics per mode here")
+    p.add_argument("--json", required=True, type=output_file,
+                   help="write every task's metrics per mode here")
     p.set_defaults(func=cmd_lm_eval)
 
 
@@ -171,5 +206,5 @@ def cmd_lm_eval(args):
     report = {"checkpoint": str(args.checkpoint), "bank": args.bank, "tasks": tasks,
               "lm_eval_version": version("lm_eval"),
               "limit": args.limit, "num_fewshot": args.num_fewshot, "modes": results}
-    Path(args.json).write_text(json.dumps(report, indent=1))
+    write_json(args.json, report)
     print(f"wrote {args.json}")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memory3.data import Tokenizer, iter_documents, require_documents
+from memory3.data import DataError, Tokenizer, iter_documents, require_documents
 from memory3.data.text import Glob, ReadStats
 from memory3.memory.encoder import MemoryEncoder
 from memory3.memory.overlap import EVAL_OVERLAP
@@ -49,8 +49,9 @@ def text_sequences(paths: Sequence[str | Path], tokenizer: Tokenizer, seq_len: i
     require_documents(stats, paths)
     n = len(stream) // (seq_len + 1)
     if n == 0:
-        raise ValueError(f"{', '.join(map(str, paths))}: {len(stream)} tokens, fewer than one "
-                         f"sequence of {seq_len + 1}")
+        raise DataError(f"{', '.join(map(str, paths))}: {len(stream)} tokens (BOS and EOS "
+                        f"included), fewer than one sequence of {seq_len + 1} (seq_len "
+                        f"{seq_len} + 1 target): give more held-out text or a smaller --seq-len")
     if max_sequences is not None:
         n = min(n, max_sequences)
     return torch.tensor(stream[:n * (seq_len + 1)]).view(n, seq_len + 1)

@@ -98,6 +98,18 @@ def encode_in_batches(encoder: MemoryEncoder, refs: Sequence[Reference], batch_s
                            torch.cat([p.positions for p in parts]))
 
 
+def check_bank_tokenizer(bank: MemoryBank, tokenizer: Tokenizer, remedy: str) -> None:
+    """Raise unless the bank's references were cut by `tokenizer` (banks made before the
+    manifest recorded its tokenizer pass unchecked): another tokenizer's token ids are other
+    text, so its memories and its overlap filter would be garbage to this model."""
+    recorded = bank.manifest.get("tokenizer")
+    if recorded and recorded["sha256"] != tokenizer.sha256:
+        raise BankError(f"{bank.path / MANIFEST_FILE} was built with another tokenizer (sha256 "
+                        f"{recorded['sha256'][:12]}...) than {tokenizer.path} (sha256 "
+                        f"{tokenizer.sha256[:12]}...): its references are token ids of that "
+                        f"tokenizer; {remedy}")
+
+
 def _settings(files: list[Path], text_field: str, tokenizer: Tokenizer, reference_len: int,
               patterns: tuple[str, ...]) -> dict[str, Any]:
     settings = {"inputs": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
@@ -115,7 +127,13 @@ def _open_or_create(out: Path, model_cfg, embedder: str | None, codec: str | Non
         bank.check_model_config(model_cfg, "the checkpoint")
         if embedder is not None:
             from memory3.memory.embedders import check_embedder, make_embedder
-            check_embedder(make_embedder(embedder), bank.manifest["embedder"])
+            try:
+                check_embedder(make_embedder(embedder), bank.manifest["embedder"])
+            except BankError as e:
+                raise BankError(f"{out / MANIFEST_FILE}: --embedder {embedder} is not the "
+                                f"embedder this bank was built with ({e}); an existing bank "
+                                f"keeps its own: leave --embedder out or use another folder"
+                                ) from e
         wanted = codec or "none"
         have = bank.manifest["storage"]["codec"]
         from memory3.memory.codec import expand_factory
@@ -126,11 +144,8 @@ def _open_or_create(out: Path, model_cfg, embedder: str | None, codec: str | Non
             raise BankError(f"{out / MANIFEST_FILE} chooses its index as "
                             f"{bank.manifest['index_factory'] or 'by size'}, not {index!r}: "
                             f"rebuild it with MemoryBank.rebuild_index(factory)")
-        recorded = bank.manifest["tokenizer"]
-        if recorded and recorded["sha256"] != tokenizer.sha256:
-            raise BankError(f"{out / MANIFEST_FILE} was built with another tokenizer "
-                            f"(sha256 {recorded['sha256'][:12]}..., this one "
-                            f"{tokenizer.sha256[:12]}...)")
+        check_bank_tokenizer(bank, tokenizer, "extend it with that tokenizer or use another "
+                                              "folder")
         return bank
     return MemoryBank.create(out, model_cfg, embedder=embedder or "hashing:512", codec=codec,
                              index=index, tokenizer_sha256=tokenizer.sha256)
@@ -208,14 +223,18 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
     glob: file-name patterns selecting the knowledge files, each text file one document
     (memory3.data.text).
     """
-    from memory3.checkpoints import load_model
+    from memory3.checkpoints import check_tokenizer, load_model
 
     if batch_size <= 0 or shard_memories <= 0:
         raise BankError(f"batch_size and shard_memories must be positive, got {batch_size} and "
                         f"{shard_memories}")
+    out = Path(out)
+    for folder, flag, what in ((out, "--out", "a bank folder (new or existing)"),
+                               (shard_dir, "--shard-dir", "a folder for the bank's shards")):
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise BankError(f"{flag} {folder} is a file; expected {what} to write into")
     started = time.perf_counter()
     rank, world = _world()
-    out = Path(out)
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() \
             else "cpu"
@@ -224,9 +243,7 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
     encoder = MemoryEncoder(model)
     encoder_record = checkpoint_encoder(checkpoint)
     tok = _tokenizer_for(recipe, tokenizer, checkpoint)
-    if tok.vocab_size > model_cfg.vocab_size:
-        raise BankError(f"tokenizer {tok.path} has {tok.vocab_size} tokens, more than the "
-                        f"checkpoint's vocab_size {model_cfg.vocab_size}: not its tokenizer")
+    check_tokenizer(checkpoint, tok, model_cfg.vocab_size)
     patterns = globs(glob)
     files = list_files(knowledge, patterns)
     probe = ReadStats()

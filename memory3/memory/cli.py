@@ -51,6 +51,7 @@ def cmd_bank_verify(args: argparse.Namespace) -> None:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from memory3.cliargs import positive_int
     from memory3.data.text import GLOB_HELP, INPUTS_HELP
 
     p.add_argument("--checkpoint", required=True,
@@ -67,8 +68,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", default=None,
                    help="FAISS factory string for the retrieval index (default: by size: Flat, "
                         "then HNSW, then IVF)")
-    p.add_argument("--batch-size", type=int, default=32, help="references per encoder batch")
-    p.add_argument("--shard-memories", type=int, default=1024,
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="references per encoder batch")
+    p.add_argument("--shard-memories", type=positive_int, default=1024,
                    help="memories per shard (= per commit)")
     p.add_argument("--text-field", default="text",
                    help="JSON Lines field or Parquet column holding the text")

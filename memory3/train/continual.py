@@ -22,6 +22,7 @@ import torch
 from memory3.config import ConfigError, Recipe
 from memory3.data import Tokenizer, load_manifest
 from memory3.memory.bank import MemoryBank
+from memory3.memory.build import check_bank_tokenizer
 from memory3.memory.encoder import EncodedMemories, MemoryEncoder
 from memory3.memory.overlap import EVAL_OVERLAP, exceeding
 from memory3.memory.reading import (chunk_texts, encode_distinct, read_distinct,
@@ -40,6 +41,9 @@ class ContinualPhase(WarmupPhase):
         self.bank = MemoryBank.open(c.bank, verify="size")
         self.bank.check_model_config(recipe.model, "the recipe's model")
         self.tokenizer = Tokenizer(load_manifest(recipe.data.path)["tokenizer"]["path"])
+        # Before a step writes fresh memories back into it: nothing of the bank is touched.
+        check_bank_tokenizer(self.bank, self.tokenizer,
+                             f"build one with the tokenizer of data.path {recipe.data.path}")
         self.pending: dict[int, EncodedMemories] = {}  # cold rows encoded, not yet written
 
     # -- which references each chunk reads ------------------------------------------------

@@ -104,9 +104,12 @@ class Trainer:
             state, source, _ = checkpoint.load_state_dict(init_from)
             differ = source.model.weight_differences(self.recipe.model)
             if differ:
+                shown = ", ".join(f"{k} {getattr(source.model, k)!r} there, "
+                                  f"{getattr(self.recipe.model, k)!r} here" for k in differ)
                 raise ConfigError(f"train.init_from={init_from} holds a {source.model.name!r} model "
                                   f"whose config differs from this recipe's model section in "
-                                  f"{', '.join(differ)}")
+                                  f"{shown}: its weights would not fit (set the recipe's model "
+                                  f"fields to the checkpoint's)")
             model = Transformer(self.recipe.model)
             model.load_state_dict(state)
             if self.is_main:
