@@ -98,7 +98,9 @@ def value_losses(model, tok: Tokenizer, bank, sequences: torch.Tensor,
     """Mean loss of the value tokens after chunk 0, in modes none / memory / own; and for causal
     reads, the share of those tokens whose chunk read a record of their person (`person_read`)
     and, of those, the share whose value the first memory layer kept in some KV head (`kept`),
-    with the losses none / memory of each kind. owners[i]: the person of knowledge line i."""
+    with the losses none / memory of each kind; `person_in_previous_chunk`: the share whose
+    person the chunk before mentions at all, the most any causal retrieval can read.
+    owners[i]: the person of knowledge line i."""
     x, y = sequences[:, :-1], sequences[:, 1:]
     L = model.cfg.chunk_len
     losses, rows = mode_losses(model, tok, bank, x, y)
@@ -112,7 +114,7 @@ def value_losses(model, tok: Tokenizer, bank, sequences: torch.Tensor,
                         {tok.decode([record.tokens[j]]).strip()
                          for j in value_positions(tok, list(record.tokens)) if j + 1 in kept})
 
-    where, kinds = [], []
+    where, kinds, in_previous = [], [], 0
     for b in range(len(y)):
         ids = y[b].tolist()
         people = people_at(tok, ids)
@@ -122,12 +124,14 @@ def value_losses(model, tok: Tokenizer, bank, sequences: torch.Tensor,
             read = [kept_of[int(r)] for r in rows["memory"][b, j // L] if r >= 0]
             value = tok.decode([ids[j]]).strip()
             mine = [words for person, words in read if person == people[j]]
+            in_previous += people[j] in people[j // L * L - L:j // L * L]
             where.append((b, j))
             kinds.append("not_read" if not mine else
                          "kept" if any(value in words for words in mine) else "not_kept")
     out = {mode: round(sum(loss[b, j].item() for b, j in where) / len(where), 3)
            for mode, loss in losses.items()}
     out["tokens"] = len(where)
+    out["person_in_previous_chunk"] = round(in_previous / len(where), 3)
     out["person_read"] = round(sum(k != "not_read" for k in kinds) / len(kinds), 3)
     out["kept"] = round(kinds.count("kept") / max(1, len(kinds) - kinds.count("not_read")), 3)
     for kind in ("kept", "not_kept", "not_read"):

@@ -289,6 +289,10 @@ class Recipe:
             raise ConfigError(f"phase must be one of {sorted(PHASES)}, got {self.phase!r}")
         if self.phase == "continual":
             c = self.continual
+            for name in ("new_per_chunk", "previous_chunks"):
+                if getattr(c, name) <= 0:  # two negatives would multiply to a valid product
+                    raise ConfigError(f"continual.{name} must be positive, got "
+                                      f"{getattr(c, name)}")
             if c.new_per_chunk * c.previous_chunks != self.model.memories_per_chunk:
                 raise ConfigError(
                     f"continual.new_per_chunk x continual.previous_chunks ({c.new_per_chunk} x "
@@ -302,6 +306,8 @@ class Recipe:
             if not 0 <= c.own_chunk_share <= 1:
                 raise ConfigError(f"continual.own_chunk_share must be within [0, 1], got "
                                   f"{c.own_chunk_share}")
+        if self.data.seq_len <= 0:
+            raise ConfigError(f"data.seq_len must be positive, got {self.data.seq_len}")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
                               f"({self.model.max_seq_len})")
@@ -384,6 +390,9 @@ class Recipe:
     @classmethod
     def from_name(cls, name: str) -> "Recipe":
         """A shipped recipe name (see `list_recipes()`) or a path to a .toml/.json file."""
+        if Path(name).is_dir():
+            raise ConfigError(f"{name} is a folder; expected a recipe file (.toml/.json) or a "
+                              f"shipped recipe name ({list_recipes()})")
         if Path(name).suffix in (".toml", ".json") or "/" in name:
             return cls.from_file(name)
         path = RECIPES_DIR / f"{name}.toml"
