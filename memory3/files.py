@@ -66,18 +66,23 @@ def read_manifest(folder: Path, fmt: str, version: int, error: type[Exception], 
     return manifest
 
 
+def require_folder(folder: Path, error: type[Exception], purpose: str) -> None:
+    """Raise `error` if `folder`, or the nearest of its parents that exists, is a file: checked
+    before any work, so a job does not fail only once it comes to write."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                below = "" if path == folder else f", so {folder} cannot be made below it"
+                raise error(f"{path} is a file{below}; expected a folder {purpose}")
+            return
+
+
 def hold_write_lock(folder: Path, error: type[Exception]) -> IO[str]:
     """Become the one process writing `folder`: an exclusive flock on folder/write.lock, which
     records its holder (pid, host, start) for the message a second writer gets. The lock lasts
     while the returned file stays open. The kernel drops a flock when its process dies, so a lock
     left by a killed writer is simply taken over by the next one (the record is rewritten)."""
-    for path in (folder, *folder.parents):
-        if path.exists():
-            if not path.is_dir():
-                below = "" if path == folder else f", so {folder} cannot be made below it"
-                raise error(f"{path} is a file{below}; expected a folder (new or existing) to "
-                            f"write into")
-            break
+    require_folder(folder, error, "(new or existing) to write into")
     folder.mkdir(parents=True, exist_ok=True)
     f = open(folder / LOCK_FILE, "a+")
     try:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from memory3.data.text import (DataError, Document, Glob, PathLike, ReadStats, globs,
                                iter_documents, list_files, require_documents)
-from memory3.files import write_atomic
+from memory3.files import require_folder, write_atomic
 
 MODEL_FILE = "tokenizer.model"
 VOCAB_FILE = "tokenizer.vocab"
@@ -71,13 +71,7 @@ def train_tokenizer(inputs: Sequence[PathLike], out_dir: PathLike, vocab_size: i
     if max_sentences <= 100:
         raise DataError(f"max_sentences must be more than 100, got {max_sentences}")
     out_dir = Path(out_dir)
-    for path in (out_dir, *out_dir.parents):  # refused now, not after the training
-        if path.exists():
-            if not path.is_dir():
-                below = "" if path == out_dir else f", so {out_dir} cannot be made below it"
-                raise DataError(f"{path} is a file{below}; expected a folder to write "
-                                f"{MODEL_FILE} into")
-            break
+    require_folder(out_dir, DataError, f"to write {MODEL_FILE} into")  # now, not after training
     stats = ReadStats()
     patterns = globs(glob)
     documents = iter_documents(list_files(inputs, patterns), text_field, stats,  # raises early
