@@ -23,7 +23,7 @@ from memory3.data import TokenShards, prepare_data
 from memory3.data.synthetic import make_world, write_world
 from memory3.memdec import Datastore, KnnTargets, MemDecError, build_datastore, build_targets
 from memory3.memdec import cli, targets as targets_module
-from memory3.memdec.files import SLOW_COMMIT_ENV
+from memory3.memdec.files import SLOW_COMMIT_ENV, checksum_array, seal
 from memory3.memdec.phase import KnnTargetLoader, MemDecPhase
 from memory3.train.trainer import train
 
@@ -181,6 +181,12 @@ def test_misaligned_targets_are_refused(knn_targets, domain, tiny_data, tmp_path
     shutil.copytree(knn_targets.path, shifted)
     next_token = np.fromfile(shifted / "next_token.bin", dtype="<i4")
     np.roll(next_token, 1).tofile(shifted / "next_token.bin")  # rows one position off
+    # ... checksummed anew, as a build that really was off by one would have: misaligned, not
+    # corrupt (test_memdec_files.py has the corrupt ones).
+    manifest = json.loads((shifted / "manifest.json").read_text())
+    manifest["checksums"]["next_token.bin"] = checksum_array(
+        shifted / "next_token.bin", np.fromfile(shifted / "next_token.bin", dtype="<i4"))
+    (shifted / "manifest.json").write_text(json.dumps(seal(manifest)))
     with pytest.raises(MemDecError, match="misaligned .* position 0"):
         phase(f"memdec.targets={shifted}")
     with pytest.raises(ConfigError, match="memdec.targets is empty"):

@@ -5,6 +5,11 @@ Layout of a datastore folder:
   keys.bin        (positions, d_model) float16: the base's last-MLP input (after its norm)
   values.bin      (positions,) int32: the next token
   index.faiss     FAISS index over the keys (index.py), written once all keys are in
+  keys.bin.crc, values.bin.crc   CRC32 of each block of rows, written when the build completes
+
+Checks on read (issue 14; files.py): the manifest's own sha256, every array's size and the sha256
+of its .crc file on open, each block of rows against its CRC32 when first read, and the index's
+size and sha256 on open (FAISS reads it whole anyway, so hashing it is one more pass of the same).
 
 Alignment with the token stream: entry i is position i of the split, the tokens of its shards in
 order as `TokenShards.read` returns them. Its key comes from the base reading the window of
@@ -30,14 +35,15 @@ import torch
 from tqdm import tqdm
 
 from memory3.data import TokenShards
-from memory3.memdec.files import (MANIFEST_FILE, SLOW_COMMIT_ENV, MemDecError,
-                                  checkpoint_identity, data_identity, open_array, read_manifest)
+from memory3.memdec.files import (MANIFEST_FILE, SLOW_COMMIT_ENV, CheckedArray, MemDecError,
+                                  check_file, checkpoint_identity, checksum_array, checksum_file,
+                                  data_identity, open_array, read_manifest, seal)
 from memory3.files import write_json_atomic
 from memory3.memdec.index import build_index, choose_index, load_index
 from memory3.memdec.keys import capture_keys
 
 FORMAT = "memory3-memdec-datastore"
-VERSION = 1
+VERSION = 2  # 2: checksums (issue 14)
 KEYS_FILE, VALUES_FILE = "keys.bin", "values.bin"
 KEY_DTYPE, VALUE_DTYPE = "float16", "int32"
 # Recorded in the manifest for whoever reads the files without this code.
@@ -89,14 +95,19 @@ def build_datastore(base: str | Path, data: str | Path, out: str | Path, *, spli
             print(f"{out} is already complete; nothing to do")
         return Datastore(out)
 
-    keys = open_array(out / KEYS_FILE, KEY_DTYPE, (n, dim), "w")
-    values = open_array(out / VALUES_FILE, VALUE_DTYPE, (n,), "w")
+    done = manifest["done_positions"]
+    keys = open_array(out / KEYS_FILE, KEY_DTYPE, (n, dim), "w", done)
+    values = open_array(out / VALUES_FILE, VALUE_DTYPE, (n,), "w", done)
     if manifest["done_positions"] < n:
         model, _, _ = load_model(base, device)
         _fill(model, shards, keys, values, manifest, out, commit_positions, progress)
-    build_index(keys, settings["index"], out / settings["index"]["file"], progress)
+    index_path = out / settings["index"]["file"]
+    build_index(keys, settings["index"], index_path, progress)
+    manifest["checksums"] = {KEYS_FILE: checksum_array(out / KEYS_FILE, keys),
+                             VALUES_FILE: checksum_array(out / VALUES_FILE, values),
+                             index_path.name: checksum_file(index_path)}
     manifest["complete"] = True
-    write_json_atomic(out / MANIFEST_FILE, manifest)
+    write_json_atomic(out / MANIFEST_FILE, seal(manifest))
     return Datastore(out)
 
 
@@ -105,7 +116,7 @@ def _start_or_resume(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         manifest = {"format": FORMAT, "version": VERSION, "complete": False, **settings,
                     "alignment": ALIGNMENT, "done_positions": 0}
-        write_json_atomic(out / MANIFEST_FILE, manifest)
+        write_json_atomic(out / MANIFEST_FILE, seal(manifest))
         return manifest
     manifest = read_manifest(out, FORMAT, VERSION, "Memory Decoder datastore")
     old = {**manifest, "base": _base_key(manifest["base"]), "data": _data_key(manifest["data"])}
@@ -150,7 +161,7 @@ def _fill(model, shards: TokenShards, keys: np.memmap, values: np.memmap, manife
             keys.flush()
             values.flush()
             manifest["done_positions"] = end
-            write_json_atomic(out / MANIFEST_FILE, manifest)
+            write_json_atomic(out / MANIFEST_FILE, seal(manifest))
             time.sleep(slow)
     bar.close()
 
@@ -167,10 +178,14 @@ class Datastore:
         m = self.manifest
         self.positions, self.window, self.key_dim = m["positions"], m["window"], m["key_dim"]
         self.base, self.data = m["base"], m["data"]
-        self.keys = open_array(self.path / KEYS_FILE, KEY_DTYPE, (self.positions, self.key_dim),
-                               "r")
-        self.values = open_array(self.path / VALUES_FILE, VALUE_DTYPE, (self.positions,), "r")
-        self.index = load_index(self.path / m["index"]["file"], m["index"])
+        where = self.path / MANIFEST_FILE
+        self.keys = CheckedArray(self.path / KEYS_FILE, KEY_DTYPE, (self.positions, self.key_dim),
+                                 m["checksums"][KEYS_FILE], where)
+        self.values = CheckedArray(self.path / VALUES_FILE, VALUE_DTYPE, (self.positions,),
+                                   m["checksums"][VALUES_FILE], where)
+        index_path = self.path / m["index"]["file"]
+        check_file(index_path, m["checksums"][index_path.name], where)
+        self.index = load_index(index_path, m["index"])
 
     def __len__(self) -> int:
         return self.positions

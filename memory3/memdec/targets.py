@@ -16,6 +16,10 @@ Layout of a targets folder:
   ids.bin          (positions, top) int32
   probs.bin        (positions, top) float32
   next_token.bin   (positions,) int32: the true next token of each position
+  ids.bin.crc, probs.bin.crc, next_token.bin.crc   CRC32 of each block of rows (at completion)
+
+Checks on read as for the datastore (files.py): the manifest's sha256, array sizes and the .crc
+files' sha256 on open, each block of rows against its CRC32 when first read.
 
 Row i is stream position i of the datastore's split (see datastore.py), so the targets of a
 training sequence starting at stream offset s are rows s .. s + seq_len - 1. `check_aligned`
@@ -37,11 +41,11 @@ from tqdm import tqdm
 from memory3.data import TokenShards
 from memory3.memdec.datastore import Datastore
 from memory3.files import write_json_atomic
-from memory3.memdec.files import (MANIFEST_FILE, SLOW_COMMIT_ENV, MemDecError, data_identity,
-                                  open_array, read_manifest)
+from memory3.memdec.files import (MANIFEST_FILE, SLOW_COMMIT_ENV, CheckedArray, MemDecError,
+                                  checksum_array, data_identity, open_array, read_manifest, seal)
 
 FORMAT = "memory3-memdec-targets"
-VERSION = 1
+VERSION = 2  # 2: checksums (issue 14)
 IDS_FILE, PROBS_FILE, NEXT_TOKEN_FILE = "ids.bin", "probs.bin", "next_token.bin"
 # Aggregation scatters neighbours into dense (rows, vocab) float64 blocks of at most this size.
 DENSE_BLOCK_FLOATS = 1 << 23
@@ -111,9 +115,10 @@ def build_targets(datastore: str | Path, out: str | Path, *, k: int = 1024,
             print(f"{out} is already complete; nothing to do")
         return KnnTargets(out)
 
-    ids_out = open_array(out / IDS_FILE, "int32", (n, top), "w")
-    probs_out = open_array(out / PROBS_FILE, "float32", (n, top), "w")
-    next_out = open_array(out / NEXT_TOKEN_FILE, "int32", (n,), "w")
+    done = manifest["done_positions"]
+    ids_out = open_array(out / IDS_FILE, "int32", (n, top), "w", done)
+    probs_out = open_array(out / PROBS_FILE, "float32", (n, top), "w", done)
+    next_out = open_array(out / NEXT_TOKEN_FILE, "int32", (n,), "w", done)
     slow = float(os.environ.get(SLOW_COMMIT_ENV, "0"))
     bar = tqdm(total=n, initial=manifest["done_positions"], unit="tok", unit_scale=True,
                desc="kNN targets", disable=not progress)
@@ -132,13 +137,16 @@ def build_targets(datastore: str | Path, out: str | Path, *, k: int = 1024,
         manifest["done_positions"] = end
         manifest["mass_kept_sum"] += float(kept.sum())
         manifest["empty_positions"] += int((kept == 0).sum())
-        write_json_atomic(out / MANIFEST_FILE, manifest)
+        write_json_atomic(out / MANIFEST_FILE, seal(manifest))
         bar.update(end - start)
         time.sleep(slow)
     bar.close()
+    manifest["checksums"] = {name: checksum_array(out / name, array) for name, array in
+                             ((IDS_FILE, ids_out), (PROBS_FILE, probs_out),
+                              (NEXT_TOKEN_FILE, next_out))}
     manifest["complete"] = True
     manifest["mass_kept_mean"] = manifest["mass_kept_sum"] / n
-    write_json_atomic(out / MANIFEST_FILE, manifest)
+    write_json_atomic(out / MANIFEST_FILE, seal(manifest))
     return KnnTargets(out)
 
 
@@ -150,7 +158,7 @@ def _start_or_resume(out: Path, store: Datastore, settings: dict[str, Any]) -> d
         manifest = {"format": FORMAT, "version": VERSION, "complete": False, "datastore": source,
                     "settings": settings, "positions": store.positions, "done_positions": 0,
                     "mass_kept_sum": 0.0, "empty_positions": 0}
-        write_json_atomic(out / MANIFEST_FILE, manifest)
+        write_json_atomic(out / MANIFEST_FILE, seal(manifest))
         return manifest
     manifest = read_manifest(out, FORMAT, VERSION, "kNN targets folder")
     old, new = manifest["datastore"], source
@@ -181,9 +189,12 @@ class KnnTargets:
         self.top = self.manifest["settings"]["top"]
         self.data = self.manifest["datastore"]["data"]
         shape = (self.positions, self.top)
-        self.ids = open_array(self.path / IDS_FILE, "int32", shape, "r")
-        self.probs = open_array(self.path / PROBS_FILE, "float32", shape, "r")
-        self.next_token = open_array(self.path / NEXT_TOKEN_FILE, "int32", (self.positions,), "r")
+        sums, where = self.manifest["checksums"], self.path / MANIFEST_FILE
+        self.ids = CheckedArray(self.path / IDS_FILE, "int32", shape, sums[IDS_FILE], where)
+        self.probs = CheckedArray(self.path / PROBS_FILE, "float32", shape, sums[PROBS_FILE],
+                                  where)
+        self.next_token = CheckedArray(self.path / NEXT_TOKEN_FILE, "int32", (self.positions,),
+                                       sums[NEXT_TOKEN_FILE], where)
 
     def check_aligned(self, shards: TokenShards) -> None:
         """Refuse targets that do not line up with the positions of `shards` (a MemDecError)."""
@@ -202,7 +213,7 @@ class KnnTargets:
                               f"{shards.split!r} of {shards.data_dir} has only {len(shards)} "
                               f"tokens")
         expected = shards.read(1, self.positions)
-        mismatch = np.flatnonzero(expected != self.next_token)
+        mismatch = np.flatnonzero(expected != self.next_token[:])
         if len(mismatch):
             raise MemDecError(f"{where} are misaligned with {shards.data_dir}: the next token of "
                               f"position {mismatch[0]} is {self.next_token[mismatch[0]]} in "
