@@ -13,6 +13,18 @@ from memory3.data import prepare_data, train_tokenizer
 from memory3.data.synthetic import make_world, write_world
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a 2-core machine shared with other
+    jobs OpenMP's spin-waiting makes 2 threads 5-20x slower than 1; restored afterwards.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """Token shards (train + valid) of a small generated corpus, tokenizer vocab 512 (= tiny)."""

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from memory3.config import Recipe
 from memory3.memdec import Datastore, KnnTargets, MemDecError, build_datastore, build_targets
@@ -26,12 +25,7 @@ TARGETS_FILES = ["manifest.json", "ids.bin", "probs.bin", "next_token.bin", "ids
 DAMAGES = ["truncate", "flip", "empty"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,14 +32,7 @@ WINDOW = 128
 K, TEMPERATURE = 64, 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a 2-core machine shared with other
-    jobs OpenMP's spin-waiting makes 2 threads 5-20x slower than 1; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

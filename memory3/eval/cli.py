@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from memory3.cliargs import non_negative_float, non_negative_int, output_file, positive_int
-from memory3.cliargs import write_json
+from memory3.cliargs import (non_negative_float, non_negative_int, output_file, positive_int,
+                             write_json)
 
 
 def _load(args):
