@@ -11,6 +11,8 @@ On CPU it runs under Triton's interpreter (TRITON_INTERPRET=1), which is how CI 
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 try:
@@ -25,19 +27,31 @@ def available() -> bool:
 
 
 if triton is not None:
+    # Every dot here multiplies fp32 tiles (operands are upcast on load) and must be IEEE fp32:
+    # left to its default, tl.dot on NVIDIA rounds fp32 operands to TF32 (10-bit mantissa), which
+    # puts the output ~1e-3 off the PyTorch path (tests/test_kernels.py holds fp32 to 1e-4).
+    # Triton >= 3.0 says so with input_precision="ieee" (which also overrides the
+    # TRITON_F32_DEFAULT environment variable); older Triton only has allow_tf32=False.
+    if "input_precision" in inspect.signature(tl.dot).parameters:
+        @triton.jit
+        def _dot_fp32(a, b):
+            return tl.dot(a, b, input_precision="ieee")
+    else:
+        @triton.jit
+        def _dot_fp32(a, b):
+            return tl.dot(a, b, allow_tf32=False)
+
     @triton.jit
     def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc):
         """Fold one tile of keys/values into the running (max, sum, output) of each query row; a
-        row with nothing allowed yet keeps max -inf and contributes nothing. Dots in IEEE fp32:
-        Triton's default on NVIDIA rounds fp32 operands to TF32 (10-bit mantissa), ~1e-3 off the
-        PyTorch path."""
-        s = tl.where(allowed, tl.dot(q, tl.trans(k), input_precision="ieee"), float("-inf"))
+        row with nothing allowed yet keeps max -inf and contributes nothing."""
+        s = tl.where(allowed, _dot_fp32(q, tl.trans(k)), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         return (m_new, l_i * alpha + tl.sum(p, 1),
-                acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee"))
+                acc * alpha[:, None] + _dot_fp32(p, v))
 
     @triton.jit
     def _memory_attention_fwd(
