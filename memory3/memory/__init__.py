@@ -9,14 +9,15 @@ from memory3.memory.bank import (MemoryBank, ReferenceRecord, checkpoint_encoder
                                  checkpoint_encoder_id)
 from memory3.memory.build import build_bank
 from memory3.memory.codec import FaissCodec, RawCodec, make_codec
-from memory3.memory.embedders import (HashingEmbedder, SentenceTransformerEmbedder,
-                                      make_embedder)
+from memory3.memory.embedders import (HashingEmbedder, LexicalEmbedder,
+                                      SentenceTransformerEmbedder, make_embedder)
 from memory3.memory.encoder import EncodedMemories, MemoryEncoder
 from memory3.memory.index import ReferenceIndex
 from memory3.memory.references import Reference, iter_references, pack_references
 from memory3.memory.store import BankError, MemoryLayout, MemoryStore
 
-__all__ = ["BankError", "EncodedMemories", "FaissCodec", "HashingEmbedder", "MemoryBank",
+__all__ = ["BankError", "EncodedMemories", "FaissCodec", "HashingEmbedder", "LexicalEmbedder",
+           "MemoryBank",
            "MemoryEncoder", "MemoryLayout", "MemoryStore", "RawCodec", "Reference",
            "ReferenceIndex", "ReferenceRecord", "SentenceTransformerEmbedder", "build_bank",
            "checkpoint_encoder", "checkpoint_encoder_id", "iter_references", "make_codec",

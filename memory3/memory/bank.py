@@ -42,7 +42,7 @@ from memory3.memory.embedders import Embedder, check_embedder, embedder_from_spe
 from memory3.memory.encoder import EncodedMemories, MemoryEncoder
 from memory3.memory.index import ReferenceIndex, choose_factory
 from memory3.memory.references import Reference, pack_references
-from memory3.memory.store import (BankError, MemoryLayout, MemoryStore, SegmentData,
+from memory3.memory.store import (MANIFEST_FILE, BankError, MemoryLayout, MemoryStore, SegmentData,
                                   key_bytes)
 
 WRITER = "w"
@@ -145,6 +145,9 @@ class MemoryBank:
         """
         if isinstance(embedder, str):
             embedder = make_embedder(embedder)
+        if getattr(embedder, "fitted", True) is False:
+            raise BankError(f"{path}: the {embedder.spec['name']} embedder must be fitted on the "
+                            f"knowledge base before a bank is made with it (build-bank does)")
         layout = MemoryLayout.from_model_config(model_cfg)
         if layout.n_layers == 0:
             raise BankError("the model has no memory layers (model.memory_layers is 'none')")
@@ -152,6 +155,10 @@ class MemoryBank:
         storage = codec_obj.spec
         if isinstance(codec_obj, FaissCodec):
             storage["files"] = None  # trained later
+        save = getattr(embedder, "save", None)  # an embedder with state keeps it in the bank
+        if save is not None and not (Path(path) / MANIFEST_FILE).exists():
+            Path(path).mkdir(parents=True, exist_ok=True)
+            save(Path(path))
         header = {"model": model_cfg.to_dict(), "layout": layout.to_dict(), "storage": storage,
                   "embedder": embedder.spec, "index_factory": index,
                   "tokenizer": {"sha256": tokenizer_sha256} if tokenizer_sha256 else None}
@@ -175,10 +182,10 @@ class MemoryBank:
         # Codec files are small and decode every memory: always hashed whole.
         codec = load_codec(store.path, store.layout, manifest["storage"],
                            manifest["model"]["rope_theta"], verify=True)
-        if embedder is None:
-            embedder = embedder_from_spec(manifest["embedder"])
-        else:
+        if embedder is not None:
             check_embedder(embedder, manifest["embedder"])
+        if embedder is None or getattr(embedder, "fitted", True) is False:
+            embedder = embedder_from_spec(manifest["embedder"], store.path)
         index = None
         if manifest["index"] is not None and not rebuild_index:
             index = ReferenceIndex.load(store.path, manifest["index"], verify)
@@ -222,7 +229,7 @@ class MemoryBank:
     def retrieve(self, chunks: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k most similar references of each text chunk: row ids (Q, k) int64 (-1 where the
         bank has fewer than k) and cosine scores (Q, k) float32, best first."""
-        return self.search(self.embedder.embed(list(chunks)), k)
+        return self.search(self.embedder.embed_queries(list(chunks)), k)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """`retrieve` for query vectors made by the bank's embedder."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from memory3.data.text import (DataError, Glob, PathLike, ReadStats, globs, iter
                                list_files, require_documents)
 from memory3.data.tokenizer import PAD_ID, REF_BOS_ID, Tokenizer
 from memory3.memory.bank import MemoryBank, checkpoint_encoder
+from memory3.memory.embedders import LexicalEmbedder, check_embedder, make_embedder
 from memory3.memory.encoder import EncodedMemories, MemoryEncoder
 from memory3.memory.references import Reference, iter_references, pack_references
 from memory3.memory.store import MANIFEST_FILE, BankError, key_bytes
@@ -121,14 +122,17 @@ def _settings(files: list[Path], text_field: str, tokenizer: Tokenizer, referenc
 
 
 def _open_or_create(out: Path, model_cfg, embedder: str | None, codec: str | None,
-                    index: str | None, tokenizer: Tokenizer) -> MemoryBank:
+                    index: str | None, tokenizer: Tokenizer,
+                    texts: Callable[[], Iterator[str]]) -> MemoryBank:
+    """The bank at `out`, checked against this build's settings, or a new one. texts: the
+    knowledge base's reference texts, which a lexical embedder is fitted on."""
+    wanted = make_embedder(embedder or "hashing:512")
     if (out / MANIFEST_FILE).exists():
         bank = MemoryBank.open(out)
         bank.check_model_config(model_cfg, "the checkpoint")
         if embedder is not None:
-            from memory3.memory.embedders import check_embedder, make_embedder
             try:
-                check_embedder(make_embedder(embedder), bank.manifest["embedder"])
+                check_embedder(wanted, bank.manifest["embedder"])
             except BankError as e:
                 raise BankError(f"{out / MANIFEST_FILE}: --embedder {embedder} is not the "
                                 f"embedder this bank was built with ({e}); an existing bank "
@@ -147,8 +151,10 @@ def _open_or_create(out: Path, model_cfg, embedder: str | None, codec: str | Non
         check_bank_tokenizer(bank, tokenizer, "extend it with that tokenizer or use another "
                                               "folder")
         return bank
-    return MemoryBank.create(out, model_cfg, embedder=embedder or "hashing:512", codec=codec,
-                             index=index, tokenizer_sha256=tokenizer.sha256)
+    if isinstance(wanted, LexicalEmbedder):
+        wanted = wanted.fit(texts())
+    return MemoryBank.create(out, model_cfg, embedder=wanted, codec=codec, index=index,
+                             tokenizer_sha256=tokenizer.sha256)
 
 
 def _start_build(bank: MemoryBank, settings: dict[str, Any], encoder: dict[str, Any],
@@ -255,7 +261,9 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
     # Rank 0 makes or opens the bank (cleaning a killed run's files), registers the encoder and
     # trains the codec; the other ranks open it once that is committed.
     if rank == 0:
-        bank = _open_or_create(out, model_cfg, embedder, codec, index, tok)
+        bank = _open_or_create(out, model_cfg, embedder, codec, index, tok, lambda: (
+            r.text for r in iter_references(files, tok, reference_len, text_field=text_field,
+                                            glob=patterns)))
         bank.shard_dir = Path(shard_dir).absolute() if shard_dir else None
         build = _start_build(bank, settings, encoder_record, world)
         if not build["complete"] and not bank.codec.trained:

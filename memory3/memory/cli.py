@@ -60,7 +60,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--glob", action="append", default=None, metavar="PATTERN", help=GLOB_HELP)
     p.add_argument("--out", required=True, help="bank folder (created, resumed or extended)")
     p.add_argument("--embedder", default=None,
-                   help="hashing[:dim] (default hashing:512 for a new bank) or st:<local "
+                   help="hashing[:dim] (default hashing:512 for a new bank), lexical[:dim] "
+                        "(TF-IDF fitted on the knowledge base) or st:<local "
                         "sentence-transformers model folder>; an existing bank keeps its own")
     p.add_argument("--codec", default=None,
                    help="none (bf16, default), fp32, or a FAISS factory string such as SQ8, "

@@ -2,7 +2,8 @@
 
 Opening a bank checks sizes, and each read checks the records it touches (store.py); this reads
 everything once: each file's sha256 against the manifest, each row's and memory's CRC32, the
-codec, and the index (its sha256 and its row count against the manifest).
+codec, the index (its sha256 and its row count against the manifest) and a lexical embedder's
+document frequencies (their sha256).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from memory3.memory.codec import load_codec
+from memory3.memory.embedders import LexicalEmbedder
 from memory3.memory.index import ReferenceIndex
 from memory3.memory.store import (EMBEDDING_DTYPE, KEY_BYTES, MANIFEST_FILE, MEMORY_FILES,
                                   RECORD_DTYPE, BankError, MemoryStore, _Segment, crc_rows,
@@ -78,6 +80,11 @@ def _check_codec_and_index(store: MemoryStore) -> list[str]:
                    verify=True)
     except BankError as e:
         problems.append(str(e))
+    if manifest["embedder"]["name"] == "lexical":
+        try:
+            LexicalEmbedder.load(store.path, manifest["embedder"])
+        except BankError as e:
+            problems.append(str(e))
     if manifest["index"] is not None:
         try:
             index = ReferenceIndex.load(store.path, manifest["index"], "full")
