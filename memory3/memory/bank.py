@@ -134,7 +134,7 @@ class MemoryBank:
     def create(cls, path: str | Path, model_cfg: ModelConfig, *,
                embedder: Embedder | str = "hashing:512", codec: str | None = None,
                index: str | None = None, tokenizer_sha256: str | None = None,
-               cache_size: int = 4096, flush_every: int = 256,
+               min_relative_score: float = 0.0, cache_size: int = 4096, flush_every: int = 256,
                shard_dir: str | Path | None = None) -> "MemoryBank":
         """A new empty bank for memories of `model_cfg`'s shape.
 
@@ -142,7 +142,11 @@ class MemoryBank:
         first memories added, or by `train_codec`). index: a FAISS factory string, or None to
         choose by size (index.py). shard_dir: where new segments are written (default
         BANK/shards; the manifest records other folders, absolute when outside the bank).
+        min_relative_score: `retrieve` leaves out references scoring below this share of the
+        query's best score (0: none left out).
         """
+        if not 0.0 <= min_relative_score <= 1.0:
+            raise BankError(f"min_relative_score must be from 0 to 1, got {min_relative_score}")
         if isinstance(embedder, str):
             embedder = make_embedder(embedder)
         if getattr(embedder, "fitted", True) is False:
@@ -161,6 +165,7 @@ class MemoryBank:
             save(Path(path))
         header = {"model": model_cfg.to_dict(), "layout": layout.to_dict(), "storage": storage,
                   "embedder": embedder.spec, "index_factory": index,
+                  "retrieval": {"min_relative_score": min_relative_score},
                   "tokenizer": {"sha256": tokenizer_sha256} if tokenizer_sha256 else None}
         store = MemoryStore.create(path, header)
         return cls(store, codec_obj, embedder, None, cache_size=cache_size,
@@ -226,10 +231,21 @@ class MemoryBank:
                             f"memories would not fit: use another bank folder")
 
     # -- retrieval ---------------------------------------------------------------------------
+    @property
+    def min_relative_score(self) -> float:
+        return self.manifest.get("retrieval", {}).get("min_relative_score", 0.0)
+
     def retrieve(self, chunks: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k most similar references of each text chunk: row ids (Q, k) int64 (-1 where the
-        bank has fewer than k) and cosine scores (Q, k) float32, best first."""
-        return self.search(self.embedder.embed_queries(list(chunks)), k)
+        """The k most similar references of each text chunk: row ids (Q, k) int64 and cosine
+        scores (Q, k) float32, best first. A row is -1 where the bank has fewer than k, or where
+        its score is below the bank's min_relative_score times the query's best: a reference
+        that matches a query much worse than the best one is most often about something else,
+        and a model reads such a distractor's values as if they were the subject's
+        (bench/RESULTS.md, quickstart)."""
+        rows, scores = self.search(self.embedder.embed_queries(list(chunks)), k)
+        if self.min_relative_score > 0:
+            rows = np.where(scores >= self.min_relative_score * scores[:, :1], rows, -1)
+        return rows, scores
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """`retrieve` for query vectors made by the bank's embedder."""

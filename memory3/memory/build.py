@@ -122,7 +122,7 @@ def _settings(files: list[Path], text_field: str, tokenizer: Tokenizer, referenc
 
 
 def _open_or_create(out: Path, model_cfg, embedder: str | None, codec: str | None,
-                    index: str | None, tokenizer: Tokenizer,
+                    index: str | None, tokenizer: Tokenizer, min_relative_score: float | None,
                     texts: Callable[[], Iterator[str]]) -> MemoryBank:
     """The bank at `out`, checked against this build's settings, or a new one. texts: the
     knowledge base's reference texts, which a lexical embedder is fitted on."""
@@ -148,13 +148,18 @@ def _open_or_create(out: Path, model_cfg, embedder: str | None, codec: str | Non
             raise BankError(f"{out / MANIFEST_FILE} chooses its index as "
                             f"{bank.manifest['index_factory'] or 'by size'}, not {index!r}: "
                             f"rebuild it with MemoryBank.rebuild_index(factory)")
+        if min_relative_score is not None and min_relative_score != bank.min_relative_score:
+            raise BankError(f"{out / MANIFEST_FILE} retrieves with min_relative_score "
+                            f"{bank.min_relative_score}, not {min_relative_score}: leave it out "
+                            f"or use another folder")
         check_bank_tokenizer(bank, tokenizer, "extend it with that tokenizer or use another "
                                               "folder")
         return bank
     if isinstance(wanted, LexicalEmbedder):
         wanted = wanted.fit(texts())
     return MemoryBank.create(out, model_cfg, embedder=wanted, codec=codec, index=index,
-                             tokenizer_sha256=tokenizer.sha256)
+                             tokenizer_sha256=tokenizer.sha256,
+                             min_relative_score=min_relative_score or 0.0)
 
 
 def _start_build(bank: MemoryBank, settings: dict[str, Any], encoder: dict[str, Any],
@@ -218,7 +223,8 @@ def _next_shard(mine: Iterator[tuple[int, Reference]], bank: MemoryBank, added: 
 
 def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLike, *,
                embedder: str | None = None, codec: str | None = None, index: str | None = None,
-               batch_size: int = 32, shard_memories: int = 1024, text_field: str = "text",
+               min_relative_score: float | None = None, batch_size: int = 32,
+               shard_memories: int = 1024, text_field: str = "text",
                tokenizer: PathLike | None = None, device: str | None = None,
                shard_dir: PathLike | None = None, glob: Glob = None,
                progress: bool = True) -> dict[str, Any]:
@@ -226,6 +232,7 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
 
     Returns the bank's stats plus this run's counts. See the module docstring for resume and
     multi-rank builds. shard_dir: where this run writes its segments (default BANK/shards).
+    min_relative_score: recorded in a new bank (MemoryBank.create); an existing one keeps its own.
     glob: file-name patterns selecting the knowledge files, each text file one document
     (memory3.data.text).
     """
@@ -261,9 +268,10 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
     # Rank 0 makes or opens the bank (cleaning a killed run's files), registers the encoder and
     # trains the codec; the other ranks open it once that is committed.
     if rank == 0:
-        bank = _open_or_create(out, model_cfg, embedder, codec, index, tok, lambda: (
-            r.text for r in iter_references(files, tok, reference_len, text_field=text_field,
-                                            glob=patterns)))
+        texts = (lambda: (r.text for r in iter_references(
+            files, tok, reference_len, text_field=text_field, glob=patterns)))
+        bank = _open_or_create(out, model_cfg, embedder, codec, index, tok, min_relative_score,
+                               texts)
         bank.shard_dir = Path(shard_dir).absolute() if shard_dir else None
         build = _start_build(bank, settings, encoder_record, world)
         if not build["complete"] and not bank.codec.trained:

@@ -51,7 +51,7 @@ def cmd_bank_verify(args: argparse.Namespace) -> None:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from memory3.cliargs import positive_int
+    from memory3.cliargs import fraction, positive_int
     from memory3.data.text import GLOB_HELP, INPUTS_HELP
 
     p.add_argument("--checkpoint", required=True,
@@ -63,6 +63,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hashing[:dim] (default hashing:512 for a new bank), lexical[:dim] "
                         "(TF-IDF fitted on the knowledge base) or st:<local "
                         "sentence-transformers model folder>; an existing bank keeps its own")
+    p.add_argument("--min-relative-score", type=fraction, default=None, metavar="R",
+                   help="retrieval leaves out references scoring below R x the query's best "
+                        "(default 0: none; recorded in a new bank)")
     p.add_argument("--codec", default=None,
                    help="none (bf16, default), fp32, or a FAISS factory string such as SQ8, "
                         "OPQ14_84,PQ14 or the shorthand opq14 (14 bytes per vector)")
@@ -91,7 +94,8 @@ def cmd_build_bank(args: argparse.Namespace) -> None:
 
     try:
         build_bank(args.checkpoint, args.knowledge, args.out, embedder=args.embedder,
-                   codec=args.codec, index=args.index, batch_size=args.batch_size,
+                   codec=args.codec, index=args.index,
+                   min_relative_score=args.min_relative_score, batch_size=args.batch_size,
                    shard_memories=args.shard_memories, text_field=args.text_field,
                    tokenizer=args.tokenizer, device=args.device, shard_dir=args.shard_dir,
                    glob=args.glob, progress=not args.no_progress)
