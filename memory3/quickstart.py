@@ -28,8 +28,11 @@ from memory3.train.trainer import train
 WARMUP, CONTINUAL = "quickstart-warmup", "quickstart-continual"
 VOCAB_SIZE = 2048
 WORLD = dict(labelled=True, n_records=4)  # bench/RESULTS.md, traits_reading
-# TF-IDF: a person's name outweighs the trait words every record shares (bench/RESULTS.md).
+# TF-IDF: a person's name outweighs the trait words every record shares; and references far
+# below a chunk's best match are left unread, since they are other people's records of the same
+# traits, whose values a reading model takes for the person's (bench/RESULTS.md, quickstart).
 EMBEDDER = "lexical:2048"
+MIN_RELATIVE_SCORE = 0.7
 EVAL_MODES = ("none", "memory", "rag")
 EVAL_SEQUENCES = 32
 STAGES = 8
@@ -86,7 +89,8 @@ def quickstart(out: str | Path = "quickstart", steps: int | None = None,
     warmup = train(recipe, out / "warmup")
 
     _stage(5, "memory bank: the knowledge base encoded by the warmup model")
-    build_bank(out / "warmup", [files["knowledge"]], out / "bank", embedder=EMBEDDER)
+    build_bank(out / "warmup", [files["knowledge"]], out / "bank", embedder=EMBEDDER,
+               min_relative_score=MIN_RELATIVE_SCORE)
 
     _stage(6, f"continual training reading the bank (recipe {CONTINUAL})")
     recipe = Recipe.from_name(CONTINUAL).override(
