@@ -58,20 +58,10 @@ def test_a_killed_job_resumes_to_the_uninterrupted_output(name, job, tmp_path):
     check(sweep(job(name), tmp_path, kills=1, seed=SEED, must_land=True))
 
 
-# The race test_a_resumed_two_rank_build_keeps_what_rank_1_is_writing shows also fails a resume
-# of the 2-rank sweep now and then (1 resume in 6 on 2 busy cores): not strict, so that the sweep
-# passes where it does not strike.
-RANK0_CLEANUP_RACE = (
-    "memory3/memory/build.py: a resumed multi-rank build takes the bank's write lock on rank 0 "
-    "only at its first commit, and taking it deletes every segment file the manifest does not "
-    "list, also the next segment another rank is writing meanwhile")
-
-
 def _slow(name: str):
     marks = [pytest.mark.slow]
     if "ranks" in name:
-        marks += [pytest.mark.distributed, pytest.mark.xfail(strict=False,
-                                                             reason=RANK0_CLEANUP_RACE)]
+        marks.append(pytest.mark.distributed)
     return pytest.param(name, marks=marks, id=_id(name))
 
 
@@ -152,7 +142,6 @@ main(sys.argv[1:])
 
 
 @pytest.mark.distributed
-@pytest.mark.xfail(strict=True, reason=RANK0_CLEANUP_RACE)
 def test_a_resumed_two_rank_build_keeps_what_rank_1_is_writing(inputs, tmp_path):
     """A 2-rank build killed after its first commit, then resumed. Every round, rank 1 writes its
     next segment while rank 0 commits the last one. On resume, rank 0's first commit takes the
@@ -160,8 +149,8 @@ def test_a_resumed_two_rank_build_keeps_what_rank_1_is_writing(inputs, tmp_path)
     lists), rank 1's segment under way included: rank 1's rename of it fails, or the next commit
     lists it and rank 0 fails on its missing files (FileNotFoundError). On 2 busy cores 1 resume
     in 6 failed so; here rank 0 is 2 s slower where it cleans up (as with a long listing of a big
-    shards folder, a slow disk, a busy CPU), which fails every time. The fix (build.py): rank 0
-    takes the lock, and so cleans up, before the barrier, while no rank writes yet."""
+    shards folder, a slow disk, a busy CPU), which failed every time before the fix (build.py):
+    rank 0 takes the lock, and so cleans up, before the barrier, while no rank writes yet."""
     job = build_bank_job(inputs.run, inputs.knowledge, ranks=2)
     out = tmp_path / "bank"
     with open(tmp_path / "killed.log", "wb") as log:
