@@ -274,10 +274,11 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
                                texts)
         bank.shard_dir = Path(shard_dir).absolute() if shard_dir else None
         build = _start_build(bank, settings, encoder_record, world)
-        # Take the write lock (which deletes what a killed run left half-written) before the
-        # barrier: at the first commit it would be too late, other ranks already writing their
-        # next segments (tests/test_kill_anywhere.py).
-        bank.store.lock()
+        if not build["complete"]:
+            # Take the write lock (which deletes what a killed run left half-written) before the
+            # barrier: at the first commit it would be too late, other ranks already writing
+            # their next segments (tests/test_kill_anywhere.py).
+            bank.store.lock()
         if not build["complete"] and not bank.codec.trained:
             sample_refs = [r for _, r in zip(range(CODEC_TRAIN_REFERENCES),
                                              iter_references(files, tok, reference_len,
