@@ -42,8 +42,8 @@ from memory3.memory.embedders import Embedder, check_embedder, embedder_from_spe
 from memory3.memory.encoder import EncodedMemories, MemoryEncoder
 from memory3.memory.index import ReferenceIndex, choose_factory
 from memory3.memory.references import Reference, pack_references
-from memory3.memory.store import (MANIFEST_FILE, BankError, MemoryLayout, MemoryStore, SegmentData,
-                                  key_bytes)
+from memory3.memory.store import (MANIFEST_FILE, BankError, MemoryLayout, MemoryStore,
+                                  SegmentData, key_bytes)
 
 WRITER = "w"
 INDEX_ADD_CHUNK = 100_000  # rows read from disk per step when (re)building the index

@@ -126,13 +126,12 @@ def _open_or_create(out: Path, model_cfg, embedder: str | None, codec: str | Non
                     texts: Callable[[], Iterator[str]]) -> MemoryBank:
     """The bank at `out`, checked against this build's settings, or a new one. texts: the
     knowledge base's reference texts, which a lexical embedder is fitted on."""
-    wanted = make_embedder(embedder or "hashing:512")
     if (out / MANIFEST_FILE).exists():
         bank = MemoryBank.open(out)
         bank.check_model_config(model_cfg, "the checkpoint")
         if embedder is not None:
             try:
-                check_embedder(wanted, bank.manifest["embedder"])
+                check_embedder(make_embedder(embedder), bank.manifest["embedder"])
             except BankError as e:
                 raise BankError(f"{out / MANIFEST_FILE}: --embedder {embedder} is not the "
                                 f"embedder this bank was built with ({e}); an existing bank "
@@ -155,6 +154,7 @@ def _open_or_create(out: Path, model_cfg, embedder: str | None, codec: str | Non
         check_bank_tokenizer(bank, tokenizer, "extend it with that tokenizer or use another "
                                               "folder")
         return bank
+    wanted = make_embedder(embedder or "hashing:512")
     if isinstance(wanted, LexicalEmbedder):
         wanted = wanted.fit(texts())
     return MemoryBank.create(out, model_cfg, embedder=wanted, codec=codec, index=index,

@@ -136,7 +136,7 @@ class LexicalEmbedder:
     """
 
     VERSION = 1  # bump when features or weights change: banks record it
-    BUCKETS = 1 << 20  # document-frequency table: a 4 MiB array, few collisions below ~10^5 features
+    BUCKETS = 1 << 20  # document-frequency table: few collisions below ~10^5 distinct features
     QUARTER_WEIGHTS = (1.0, 2.0, 4.0, 8.0)
     DF_FILE = "lexical_df.npz"
 
