@@ -77,6 +77,10 @@ def test_init_from_starts_where_the_source_run_ended(tiny_run, tmp_path):
     assert train_losses(tmp_path / "reading")[1] == pytest.approx(first, abs=1e-4)
 
 
+def shm_buffers(port: str = "*") -> set[Path]:
+    return set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+
+
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--recipe", "tiny-warmup", "--out", str(out), "--no-progress",
             f"data.path={data}", "train.max_steps=40", "train.save_every=5",
@@ -88,6 +92,7 @@ def test_resume_after_sigkill_reproduces_losses(tiny_data, tmp_path):
     expected = train_losses(tmp_path / "unbroken")
 
     killed = tmp_path / "killed"
+    shm_before = shm_buffers()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                             "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.Popen([sys.executable, "-m", "memory3", *_train_args(tiny_data, killed)],
@@ -99,6 +104,7 @@ def test_resume_after_sigkill_reproduces_losses(tiny_data, tmp_path):
     assert proc.poll() is None, "run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert shm_buffers() <= shm_before  # DeepSpeed's CPU all-reduce file: unlinked at start
     before = train_losses(killed)
     assert max(before) < 40
 
@@ -114,8 +120,11 @@ def test_resume_after_sigkill_reproduces_losses(tiny_data, tmp_path):
 def test_two_ranks_under_deepspeed_launcher_match_one_rank(tiny_data, tmp_path):
     """2 ranks x micro batch 4 see the same global batches as 1 rank x 8: same losses."""
     common = ["train.max_steps=6", "train.save_every=3", "train.eval_every=6", "train.zero_stage=2"]
+    for stale in shm_buffers("29617"):  # left by a run before the fix; only this test's port
+        stale.unlink()
     run_memory3(*_train_args(tiny_data, tmp_path / "two", *common, "train.micro_batch_size=4"),
                 launcher=["deepspeed", "--num_gpus", "2", "--master_port", "29617"])
+    assert not shm_buffers("29617")  # both ranks unlinked DeepSpeed's CPU all-reduce files
     run_memory3(*_train_args(tiny_data, tmp_path / "one", *common, "train.micro_batch_size=8"))
     two, one = train_losses(tmp_path / "two"), train_losses(tmp_path / "one")
     assert sorted(two) == list(range(1, 7))
