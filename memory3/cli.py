@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None):
     from memory3.hf import HFError
     from memory3.memory.store import BankError
     from memory3.checkpoints import CheckpointError
+    from memory3.files import no_space_message, out_of_space
 
     argv = sys.argv[1:] if argv is None else argv
     # The deepspeed launcher appends --local_rank=N; we read LOCAL_RANK from the environment.
@@ -143,6 +144,12 @@ def main(argv: list[str] | None = None):
         args.func(args)
     except (ConfigError, DataError, CheckpointError, BankError, HFError) as e:
         print(f"memory3 {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # out of space where no job's own error type says so: still one line
+        if not out_of_space(e):
+            raise
+        print(f"memory3 {args.command}: error: {no_space_message(e.filename or '?', e)}",
+              file=sys.stderr)
         sys.exit(2)
 
 

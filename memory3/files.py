@@ -1,19 +1,54 @@
 """Durable writes shared by every on-disk format (token shards, banks, datastores, checkpoints):
 write a temp file, fsync it, rename it over the target, fsync the folder. A kill at any moment
 leaves either the old file or the new one, never a torn one. And the one-writer lock that keeps
-two processes from writing one folder (`hold_write_lock`)."""
+two processes from writing one folder (`hold_write_lock`).
+
+Running out of space (issue 14 section 3): a write that fails with ENOSPC (device full), EFBIG
+(the file size limit, `ulimit -f`) or EDQUOT (quota) removes its temp file and raises an OSError
+naming the file it was writing, never the temp; the target is left as it was. Each job turns that
+into its own error type with `no_space_as` (one line from the `memory3` command, naming the file),
+and, since nothing committed was replaced, the same command resumes once space is freed.
+"""
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 LOCK_FILE = "write.lock"
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+NO_SPACE = "no space left on the device (or the file size limit)"
+
+
+def out_of_space(e: BaseException) -> bool:
+    """Whether `e` is a write that failed for want of space: device full, file size limit or
+    quota."""
+    return isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS
+
+
+def no_space_message(path: Path | str, e: OSError) -> str:
+    return (f"cannot write {path}: {NO_SPACE} ({os.strerror(e.errno)}); what was committed "
+            f"before is intact: free space, then run the same command again to resume")
+
+
+@contextlib.contextmanager
+def no_space_as(error: type[Exception], path: Path | str | None = None) -> Iterator[None]:
+    """Turn a write in the block that runs out of space into `error`, naming the file being
+    written (the OSError's, else `path`); other errors pass unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if not out_of_space(e):
+            raise
+        raise error(no_space_message(e.filename or path or "a file", e)) from e
 
 
 def file_sha256(path: Path) -> str:
@@ -33,14 +68,28 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
+def write_streamed(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Replace `path` atomically by what `write` writes into the open file. On any error the temp
+    file is removed and `path` left as it was; an OSError for want of space names `path`."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if out_of_space(e):
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
+        raise
     fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes | memoryview) -> None:
+    write_streamed(path, lambda f: f.write(data))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -93,9 +142,15 @@ def hold_write_lock(folder: Path, error: type[Exception]) -> IO[str]:
         f.close()
         raise error(f"{folder / LOCK_FILE} is locked: another process is writing {folder} "
                     f"({holder}); wait for it to end or use another folder") from e
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+    except OSError as e:
+        f.close()
+        if out_of_space(e):
+            raise error(no_space_message(folder / LOCK_FILE, e)) from e
+        raise
     return f

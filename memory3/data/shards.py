@@ -29,7 +29,9 @@ documents whose split already has them, so it rebuilds exactly the open shards a
 last document is only placed once the input has ended, and the end (last documents, final partial
 shards, `complete: true`) is committed by a single manifest write, so the move of the last document
 to valid never has to be undone. The manifest holds no timestamps: a resumed run ends byte-identical
-to an unbroken one.
+to an unbroken one. A run that runs out of space stops with a DataError naming the shard or the
+manifest it was writing; its temp file is gone, the last committed manifest and its shards are as
+they were, and the same command resumes from them once space is freed.
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ from tqdm import tqdm
 from memory3.data.text import (DataError, Glob, PathLike, ReadStats, globs, iter_documents,
                                list_files, require_documents)
 from memory3.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
-from memory3.files import file_sha256, hold_write_lock, read_manifest, write_atomic
+from memory3.files import (file_sha256, hold_write_lock, no_space_as, read_manifest,
+                           write_atomic)
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "memory3-token-shards"
@@ -269,7 +272,8 @@ def prepare_data(inputs: Sequence[PathLike], tokenizer_path: PathLike, out_dir: 
         settings["glob"] = list(patterns)
 
     # Before anything is read or cleaned up: a second writer would delete the first's open shards.
-    with hold_write_lock(out_dir, DataError):
+    # Out of space: the shard or manifest being written is named, the committed ones are intact.
+    with no_space_as(DataError, out_dir), hold_write_lock(out_dir, DataError):
         return _prepare(files, tokenizer, out_dir, settings, progress)
 
 

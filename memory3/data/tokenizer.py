@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from memory3.data.text import (DataError, Document, Glob, PathLike, ReadStats, globs,
                                iter_documents, list_files, require_documents)
-from memory3.files import require_folder, write_atomic
+from memory3.files import no_space_as, require_folder, write_atomic
 
 MODEL_FILE = "tokenizer.model"
 VOCAB_FILE = "tokenizer.vocab"
@@ -103,8 +103,9 @@ def train_tokenizer(inputs: Sequence[PathLike], out_dir: PathLike, vocab_size: i
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / VOCAB_FILE, vocab.encode())
-    write_atomic(out_dir / MODEL_FILE, model.getvalue())
+    with no_space_as(DataError):
+        write_atomic(out_dir / VOCAB_FILE, vocab.encode())
+        write_atomic(out_dir / MODEL_FILE, model.getvalue())
     if progress or stats.skipped_anything():
         print(f"tokenizer: {stats.summary()}; wrote {out_dir / MODEL_FILE} "
               f"(vocab_size {vocab_size})")

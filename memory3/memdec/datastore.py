@@ -38,7 +38,7 @@ from memory3.data import TokenShards
 from memory3.memdec.files import (MANIFEST_FILE, SLOW_COMMIT_ENV, CheckedArray, MemDecError,
                                   check_file, checkpoint_identity, checksum_array, checksum_file,
                                   data_identity, open_array, read_manifest, seal)
-from memory3.files import write_json_atomic
+from memory3.files import no_space_as, write_json_atomic
 from memory3.memdec.index import build_index, choose_index, load_index
 from memory3.memdec.keys import capture_keys
 
@@ -53,6 +53,7 @@ ALIGNMENT = ("entry i = position i of data.split (its shards' tokens in order); 
 EXACT_BLOCK_FLOATS = 1 << 24
 
 
+@no_space_as(MemDecError)  # names the file being written
 def build_datastore(base: str | Path, data: str | Path, out: str | Path, *, split: str = "train",
                     max_tokens: int | None = None, window: int | None = None,
                     batch_size: int = 8, index: str = "auto", nlist: int | None = None,

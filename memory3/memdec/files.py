@@ -15,11 +15,18 @@ over the data at most per process). The checksums are taken when a build complet
 on disk; a byte damaged before that (during an interrupted build) is only caught by its size.
 A resumed build refuses an array whose size is no longer the one it allocated rather than
 reallocating it over positions the manifest says are done.
+
+Out of space (issue 14): arrays are allocated with their disk blocks reserved, so a full disk
+stops the build when it starts, with an error naming the array, never with a SIGBUS mid-way; the
+index and the manifest are written atomically, so a full disk there leaves the last commit intact
+(MemDecError naming the file; the same command resumes once space is freed).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import zlib
 from pathlib import Path
 from typing import Any
@@ -37,6 +44,8 @@ SLOW_COMMIT_ENV = "MEMORY3_TEST_SLOW_COMMIT_SECONDS"
 # per MiB).
 BLOCK_BYTES = 1 << 20
 SEAL_KEY = "manifest_sha256"
+# posix_fallocate errors that mean "not on this file system" (len 0 included): fall back to sparse.
+UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 class MemDecError(DataError):
@@ -79,8 +88,8 @@ def open_array(path: Path, dtype: str, shape: tuple[int, ...], mode: str,
                 raise MemDecError(f"{path} {found}, expected {size} bytes for an array {shape} "
                                   f"of {dtype} whose first {done_rows} rows the manifest records "
                                   f"as written: it was damaged; build again in a fresh folder")
-            with open(path, "wb") as f:
-                f.truncate(size)
+            with files.no_space_as(MemDecError, path):
+                _allocate(path, size)
         return np.memmap(path, dtype=dt, mode="r+", shape=shape)
     if not path.is_file():
         raise MemDecError(f"{path} is missing")
@@ -88,6 +97,23 @@ def open_array(path: Path, dtype: str, shape: tuple[int, ...], mode: str,
         raise MemDecError(f"{path} has {path.stat().st_size} bytes, expected {size} for an array "
                           f"{shape} of {dtype}: it is truncated or from another build")
     return np.memmap(path, dtype=dt, mode="r", shape=shape)
+
+
+def _allocate(path: Path, size: int) -> None:
+    """Make `path` `size` bytes of zeros with its disk blocks reserved (posix_fallocate) where the
+    system can: a disk that fills up then fails here, with an error, rather than when a write
+    through the memory map meets a hole it cannot fill, which kills the process with SIGBUS."""
+    try:
+        with open(path, "wb") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, size)
+            except (AttributeError, OSError) as e:  # no posix_fallocate here: a sparse file
+                if isinstance(e, OSError) and e.errno not in UNSUPPORTED:
+                    raise
+                f.truncate(size)
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def _crc_path(path: Path) -> Path:

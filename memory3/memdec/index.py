@@ -12,7 +12,6 @@ exact ones from the stored fp16 keys.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from memory3 import files
 from memory3.memdec.files import MemDecError
 
 FLAT_MAX_POSITIONS = 2**17
@@ -70,9 +70,31 @@ def build_index(keys: np.ndarray, spec: dict[str, Any], out: Path, progress: boo
         index.train(np.ascontiguousarray(keys[sample], dtype=np.float32))
     for start in tqdm(range(0, n, ADD_CHUNK), desc="index", unit="chunk", disable=not progress):
         index.add(np.ascontiguousarray(keys[start:start + ADD_CHUNK], dtype=np.float32))
-    tmp = out.with_name(out.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, out)
+    write_index(index, out)
+
+
+def write_index(index: faiss.Index, out: Path) -> None:
+    """Write `index` to `out` atomically (files.write_streamed). FAISS's own file writer ignores
+    an error when it closes the file, so a full disk could leave a truncated index renamed into
+    place; here every write is Python's, and its OSError (disk full, file size limit) reaches
+    the caller, the temp file removed."""
+    failed: list[OSError] = []
+
+    def write(f) -> None:
+        def chunk(data: bytes) -> int:
+            try:
+                return f.write(data)
+            except OSError as e:
+                failed.append(e)  # older FAISS turns it into a RuntimeError
+                raise
+        try:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(chunk))
+        except RuntimeError:
+            if failed:
+                raise failed[0] from None
+            raise
+
+    files.write_streamed(out, write)
 
 
 def load_index(path: Path, spec: dict[str, Any]) -> faiss.Index:

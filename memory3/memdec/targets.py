@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from memory3.data import TokenShards
 from memory3.memdec.datastore import Datastore
-from memory3.files import write_json_atomic
+from memory3.files import no_space_as, write_json_atomic
 from memory3.memdec.files import (MANIFEST_FILE, SLOW_COMMIT_ENV, CheckedArray, MemDecError,
                                   checksum_array, data_identity, open_array, read_manifest, seal)
 
@@ -89,6 +89,7 @@ def sparse_distribution(values: np.ndarray, weights: np.ndarray, vocab_size: int
     return ids, probs, kept
 
 
+@no_space_as(MemDecError)  # names the file being written
 def build_targets(datastore: str | Path, out: str | Path, *, k: int = 1024,
                   temperature: float = 1.0, exclude_self: bool = True, top: int = 32,
                   exact: bool = False, batch_size: int = 4096,

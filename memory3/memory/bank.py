@@ -37,6 +37,7 @@ import torch
 
 from memory3.config import ModelConfig
 from memory3.data.tokenizer import PAD_ID, REF_BOS_ID
+from memory3.files import no_space_as
 from memory3.memory.codec import Codec, FaissCodec, RawCodec, load_codec, make_codec
 from memory3.memory.embedders import Embedder, check_embedder, embedder_from_spec, make_embedder
 from memory3.memory.encoder import EncodedMemories, MemoryEncoder
@@ -162,7 +163,8 @@ class MemoryBank:
         save = getattr(embedder, "save", None)  # an embedder with state keeps it in the bank
         if save is not None and not (Path(path) / MANIFEST_FILE).exists():
             Path(path).mkdir(parents=True, exist_ok=True)
-            save(Path(path))
+            with no_space_as(BankError, path):
+                save(Path(path))
         header = {"model": model_cfg.to_dict(), "layout": layout.to_dict(), "storage": storage,
                   "embedder": embedder.spec, "index_factory": index,
                   "retrieval": {"min_relative_score": min_relative_score},
@@ -498,7 +500,8 @@ class MemoryBank:
             raise BankError(f"the codec of {self.path} is trained already")
         self.codec.train(memories.kv, memories.positions)
         self.store.lock()
-        self.manifest["storage"] = self.codec.save(self.path)
+        with no_space_as(BankError, self.path):
+            self.manifest["storage"] = self.codec.save(self.path)
         self.commit(save_index=False)
 
     def _ensure_codec_trained(self, memories: EncodedMemories) -> None:
@@ -587,7 +590,8 @@ class MemoryBank:
         if save_index:
             self._sync_index()
             if self._index is not None and self._index_dirty:
-                self.manifest["index"] = self._index.save(self.path)
+                with no_space_as(BankError, self.path):  # the committed index stays
+                    self.manifest["index"] = self._index.save(self.path)
                 self._index_dirty = False
         self.store.commit()
         new_index = (self.manifest["index"] or {}).get("file")

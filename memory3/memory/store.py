@@ -33,7 +33,9 @@ or re-encoding a stale one) is appended in a later segment and the latest record
 
 Commit protocol (as in data/shards.py): every file of a segment is written to a temp name, fsynced
 and renamed; the manifest is written last (temp + fsync + rename + fsync of the folder). A kill at
-any point leaves the previous manifest and therefore the previous bank intact.
+any point leaves the previous manifest and therefore the previous bank intact. So does running out
+of space: the write that fails raises BankError naming its file (files.no_space_as), its temp file
+removed; what it leaves uncommitted is deleted by the next writer.
 
 Segments live under shards/ by default; an entry may name another folder ("dir", absolute, or
 relative to the bank) so segments can be spread over disks or mounted from other nodes.
@@ -56,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from memory3.files import file_sha256, hold_write_lock, read_manifest, write_atomic
+from memory3.files import file_sha256, hold_write_lock, no_space_as, read_manifest, write_atomic
 
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
@@ -450,7 +452,8 @@ class MemoryStore:
             raise BankError(f"segment {name} would be empty")
         files = {}
         for kind, data_bytes in payload.items():
-            write_atomic(folder / f"{name}.{kind}", data_bytes)
+            with no_space_as(BankError):  # names the file; nothing committed is touched
+                write_atomic(folder / f"{name}.{kind}", data_bytes)
             files[kind] = {"bytes": len(memoryview(data_bytes).cast("B")),
                            "sha256": hashlib.sha256(data_bytes).hexdigest()}
         entry = {"name": name, "row_base": None if rows_relative else 0, "rows": n_rows,
@@ -479,8 +482,9 @@ class MemoryStore:
     def commit(self) -> None:
         if self._lock_file is None:
             raise BankError(f"commit to {self.path} without holding its write lock")
-        write_atomic(self.path / MANIFEST_FILE,
-                     (json.dumps(self.manifest, indent=1, ensure_ascii=False) + "\n").encode())
+        with no_space_as(BankError):  # the previous manifest stays, and so the previous bank
+            write_atomic(self.path / MANIFEST_FILE,
+                         (json.dumps(self.manifest, indent=1, ensure_ascii=False) + "\n").encode())
 
     def close(self) -> None:
         for segment in self._segments:

@@ -2,6 +2,7 @@
 loggers a recipe adds (`train.loggers`): TensorBoard event files, Weights & Biases."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -15,6 +16,7 @@ import torch
 from memory3.config import ConfigError
 
 TENSORBOARD_DIR = "tensorboard"
+TAIL_BYTES = 1 << 16  # a record is far shorter
 
 
 class MetricsLog:
@@ -33,6 +35,7 @@ class MetricsLog:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        drop_torn_record(self.path)
         self._file = open(self.path, "a", buffering=1)
         if "tensorboard" in loggers:
             try:
@@ -60,7 +63,13 @@ class MetricsLog:
         if self._file is None:
             return
         record.setdefault("time", round(time.time(), 3))
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as e:  # disk full: name the file; drop what the buffer still holds
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
         step, kind = record.get("step"), record.get("kind", "metrics")
         scalars = {f"{kind}/{k}": v for k, v in record.items()
                    if k not in ("kind", "step", "time") and isinstance(v, (int, float))
@@ -85,6 +94,20 @@ class MetricsLog:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def drop_torn_record(path: Path) -> None:
+    """Cut a last line without its newline off `path`: half a record, written when the disk
+    filled up, which would make the next record appended unreadable."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - TAIL_BYTES))
+        tail = f.read()
+        if tail.endswith(b"\n") or (b"\n" not in tail and size > TAIL_BYTES):
+            return
+        f.truncate(size - len(tail) + tail.rfind(b"\n") + 1)
 
 
 def peak_memory_gb(device: torch.device) -> float:

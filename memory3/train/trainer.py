@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memory3.config import ConfigError, Recipe
-from memory3.files import hold_write_lock, write_json_atomic
+from memory3.files import hold_write_lock, no_space_as, write_json_atomic
 from memory3.model import IGNORE_INDEX, Transformer
 from memory3.train import checkpoint
 from memory3.train.deepspeed_config import build_deepspeed_config
@@ -241,8 +241,12 @@ class Trainer:
 
 def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = True,
           progress: bool = True) -> dict[str, Any]:
-    trainer = Trainer(recipe, out_dir, resume=resume, progress=progress)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+    # Out of space: a checkpoint save cleans up and says so itself (checkpoint.save); any other
+    # write of the run (metrics.jsonl, recipe.json) stops with the file named, as a
+    # CheckpointError: what was saved is intact and the same command resumes from it.
+    with no_space_as(checkpoint.CheckpointError, out_dir):
+        trainer = Trainer(recipe, out_dir, resume=resume, progress=progress)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
