@@ -11,7 +11,6 @@ relative to it; in the messages that folder is shown as `.../`. A run takes abou
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import tempfile
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bad_input_cases import CASES, build_fixtures, run_case  # noqa: E402
+from stdout_aside import stdout_aside  # noqa: E402
 
 
 def _cell(text: str) -> str:
@@ -35,17 +35,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bad_inputs_") as tmp:
         root = Path(args.root or tmp).resolve()
         started = time.perf_counter()
-        # Training and building print (DeepSpeed's logger holds the stdout it found at import):
-        # send file descriptor 1 to stderr meanwhile, so stdout is the table alone.
-        sys.stdout.flush()
-        saved = os.dup(1)
-        os.dup2(2, 1)
-        try:
+        with stdout_aside():  # building the fixtures trains and prints
             build_fixtures(root)
-        finally:
-            sys.stdout.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
         print(f"fixtures built in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         rows, gaps, failed = [], [], []
         for case in CASES:

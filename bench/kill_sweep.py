@@ -14,7 +14,6 @@ The same sweep is `python -m pytest -m slow tests/test_kill_anywhere.py` (8 kill
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from kill_harness import JOBS, build_inputs, make_job, sweep  # noqa: E402
+from stdout_aside import stdout_aside  # noqa: E402
 
 
 def main() -> None:
@@ -40,18 +40,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kill_sweep_") as tmp:
         root = Path(args.root or tmp).resolve()
         started = time.perf_counter()
-        # Training the inputs' checkpoint prints (DeepSpeed's logger holds the stdout it found at
-        # import): send file descriptor 1 to stderr meanwhile, so stdout is the table alone.
-        sys.stdout.flush()
-        saved = os.dup(1)
-        os.dup2(2, 1)
-        try:
+        with stdout_aside():  # training the inputs' checkpoint prints
             inputs = build_inputs(root / "inputs")
             jobs = [make_job(name, inputs, root / "inputs") for name in names]
-        finally:
-            sys.stdout.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
         print(f"inputs made in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         rows, failed = [], False
         for job in jobs:
