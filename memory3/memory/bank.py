@@ -39,7 +39,8 @@ from memory3.config import ModelConfig
 from memory3.data.tokenizer import PAD_ID, REF_BOS_ID
 from memory3.files import no_space_as
 from memory3.memory.codec import Codec, FaissCodec, RawCodec, load_codec, make_codec
-from memory3.memory.embedders import Embedder, check_embedder, embedder_from_spec, make_embedder
+from memory3.memory.embedders import (Embedder, check_embedder, embedder_from_spec,
+                                      make_embedder, unfitted)
 from memory3.memory.encoder import EncodedMemories, MemoryEncoder
 from memory3.memory.index import ReferenceIndex, choose_factory
 from memory3.memory.references import Reference, pack_references
@@ -150,7 +151,7 @@ class MemoryBank:
             raise BankError(f"min_relative_score must be from 0 to 1, got {min_relative_score}")
         if isinstance(embedder, str):
             embedder = make_embedder(embedder)
-        if getattr(embedder, "fitted", True) is False:
+        if unfitted(embedder):
             raise BankError(f"{path}: the {embedder.spec['name']} embedder must be fitted on the "
                             f"knowledge base before a bank is made with it (build-bank does)")
         layout = MemoryLayout.from_model_config(model_cfg)
@@ -191,7 +192,7 @@ class MemoryBank:
                            manifest["model"]["rope_theta"], verify=True)
         if embedder is not None:
             check_embedder(embedder, manifest["embedder"])
-        if embedder is None or getattr(embedder, "fitted", True) is False:
+        if embedder is None or unfitted(embedder):
             embedder = embedder_from_spec(manifest["embedder"], store.path)
         index = None
         if manifest["index"] is not None and not rebuild_index:

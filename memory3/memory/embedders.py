@@ -308,11 +308,16 @@ def embedder_from_spec(recorded: dict[str, Any], folder: Path) -> Embedder:
     return embedder
 
 
+def unfitted(embedder: Embedder) -> bool:
+    """An embedder that must be fitted on a knowledge base (lexical) and is not yet: it stands
+    for the one a bank was fitted with, which the bank holds."""
+    return getattr(embedder, "fitted", True) is False
+
+
 def check_embedder(embedder: Embedder, recorded: dict[str, Any]) -> None:
-    """Raise unless `embedder` makes vectors comparable with the bank's (name, params, dim).
-    An unfitted lexical embedder stands for the one the bank was fitted with: name and dim."""
-    fields = ("name", "dim") if getattr(embedder, "fitted", True) is False else ("name", "params",
-                                                                                  "dim")
+    """Raise unless `embedder` makes vectors comparable with the bank's (name, params, dim);
+    of an unfitted one, name and dim."""
+    fields = ("name", "dim") if unfitted(embedder) else ("name", "params", "dim")
     mine = {k: embedder.spec[k] for k in fields}
     theirs = {k: recorded[k] for k in fields}
     if mine != theirs:
