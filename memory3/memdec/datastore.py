@@ -99,7 +99,7 @@ def build_datastore(base: str | Path, data: str | Path, out: str | Path, *, spli
     done = manifest["done_positions"]
     keys = open_array(out / KEYS_FILE, KEY_DTYPE, (n, dim), "w", done)
     values = open_array(out / VALUES_FILE, VALUE_DTYPE, (n,), "w", done)
-    if manifest["done_positions"] < n:
+    if done < n:
         model, _, _ = load_model(base, device)
         _fill(model, shards, keys, values, manifest, out, commit_positions, progress)
     index_path = out / settings["index"]["file"]

@@ -121,9 +121,9 @@ def build_targets(datastore: str | Path, out: str | Path, *, k: int = 1024,
     probs_out = open_array(out / PROBS_FILE, "float32", (n, top), "w", done)
     next_out = open_array(out / NEXT_TOKEN_FILE, "int32", (n,), "w", done)
     slow = float(os.environ.get(SLOW_COMMIT_ENV, "0"))
-    bar = tqdm(total=n, initial=manifest["done_positions"], unit="tok", unit_scale=True,
-               desc="kNN targets", disable=not progress)
-    for start in range(manifest["done_positions"], n, batch_size):
+    bar = tqdm(total=n, initial=done, unit="tok", unit_scale=True, desc="kNN targets",
+               disable=not progress)
+    for start in range(done, n, batch_size):
         end = min(start + batch_size, n)
         positions = np.arange(start, end)
         distances, neighbours = store.search(store.keys[start:end], k, exact=exact,
