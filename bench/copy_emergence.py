@@ -23,19 +23,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory3.config import ModelConfig  # noqa: E402
 from memory3.data import Tokenizer, train_tokenizer  # noqa: E402
 from memory3.eval.copying import copy_probe, document_spans  # noqa: E402
 from memory3.model import Transformer  # noqa: E402
 from memory3.train.trainer import param_groups  # noqa: E402  (norms and the gate: no decay)
-
-MAX_FILE_CHARS = 200_000  # a few generated giants (tables, vendored blobs) would dominate
-
-
-def python_files(root: Path, held_out: bool) -> list[Path]:
-    packages = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.endswith("-info"))
-    chosen = [p for i, p in enumerate(packages) if (i % 8 == 0) == held_out]
-    return sorted(f for p in chosen for f in p.rglob("*.py") if f.stat().st_size < MAX_FILE_CHARS)
+from pkgcode import python_files  # noqa: E402  (the cpu-warmup split)
 
 
 def corpus(out: Path, root: Path) -> dict[str, Path]:

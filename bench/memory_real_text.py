@@ -1,17 +1,30 @@
-"""Does explicit memory pay on real text? A `small` model, warmup then continual, with a real
-knowledge base, evaluated on held-out text in modes none, memory and rag (issue 4, SPEC 1c).
+"""Does explicit memory pay on real text? A model, warmup then continual, with a real knowledge
+base, evaluated on held-out text in modes none, memory and rag (issues 4 and 15, SPEC 1c).
 
-Two corpora (--corpus), each text nobody here wrote, each with held-out text that is nowhere in
-training while a knowledge base holds the same facts in other words:
+Corpora (--corpus), each text nobody here wrote, each with held-out text that is nowhere in
+training while a knowledge base holds related knowledge:
   dictionaries  WordNet 3.0 (dict-wn) held out, GCIDE (dict-gcide) defining the same words in the
                 bank (SPEC 1c).     apt-get install -y dict-gcide dict-wn
   pydocs        Python's library reference (python3-doc) held out page by page, the standard
                 library's docstrings in the bank (bench/pydocs.py).   apt-get install -y python3-doc
   pycode        the standard library's test files held out module by module, the modules'
                 source in the bank (bench/pycode.py).
+  pkgcode       files of installed packages held out, the packages' other files in the bank
+                (repository-level completion; bench/pkgcode.py). The packages split as the
+                cpu-warmup recipe's training code (bench/copy_emergence.py) splits them.
+  own           yours: --train-text, --knowledge and --heldout (files or folders in any format
+                `memory3 prepare-data` reads; --glob for folders of source files).
 
     python bench/memory_real_text.py --corpus dictionaries --out bench_runs/memory-dict
     python bench/memory_real_text.py --corpus pydocs --out bench_runs/memory-pydocs
+
+A model that copies from its context, trained once (`memory3 train --recipe cpu-warmup`), can be
+reused on every corpus: --warmup-run RUN skips stages 2-3 (its tokenizer tokenizes the corpus),
+--continual-recipe cpu-continual trains the continual phase at its shape, and --continual-run RUN
+evaluates a continual run trained elsewhere (e.g. on pkgcode) on another corpus:
+    python bench/memory_real_text.py --corpus pkgcode --out bench_runs/memory-pkgcode \
+        --warmup-run runs/cpu --continual-recipe cpu-continual --continual-steps 2500 \
+        --memory-layers all --embedder lexical:4096
 
 Stages (each skipped when its output exists, so a re-run continues where it stopped; the
 training and bank stages also resume mid-way through the library's own resume):
@@ -53,8 +66,8 @@ training and bank stages also resume mid-way through the library's own resume):
                (a headword; a module), so a miss can be told apart: retrieval or reading.
  9. oracle     the ceiling of knowledge read as text: held-out documents alone, after the
                knowledge on their subject (chosen by hand, not retrieved), after random knowledge.
-10. copying    can the model use earlier text at all: loss on the second copy of a repeated
-               sequence vs the first (induction), for random token ids and for held-out text.
+10. copying    can the model use earlier text at all: the copy probe (memory3.eval.copying) on
+               held-out spans, loss on the second copy / the first (1: no in-context copying).
 Writes OUT/results-<slice><tag>.json (OUT/results.json for the default run) and prints a table.
 --slice tune evaluates the tune slice instead (for choosing settings without looking at held-out
 numbers); --tag=-NAME runs another continual setting next to the first, e.g.
@@ -78,6 +91,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import pkgcode  # noqa: E402
 import pycode  # noqa: E402
 import pydocs  # noqa: E402
 from dictionaries import bucket, glosses, headword, quotes_wordnet, read_dictd  # noqa: E402
@@ -87,8 +101,24 @@ SPLIT_SEED = "memory-dict"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpus", choices=("dictionaries", "pydocs", "pycode"),
+    p.add_argument("--corpus", choices=("dictionaries", "pydocs", "pycode", "pkgcode", "own"),
                    default="dictionaries")
+    p.add_argument("--train-text", nargs="+", default=[],
+                   help="own: files or folders of training text for the continual phase (and "
+                        "the warmup, unless --warmup-run); any format `memory3 prepare-data` reads")
+    p.add_argument("--knowledge", nargs="+", default=[],
+                   help="own: the knowledge base (files or folders, as --train-text)")
+    p.add_argument("--heldout", nargs="+", default=[],
+                   help="own: held-out text, in neither the training text nor the knowledge base")
+    p.add_argument("--glob", action="append",
+                   help="own: read the files of folders whose names match (e.g. '*.py'), each "
+                        "whole as one document (see memory3 prepare-data --glob)")
+    p.add_argument("--warmup-run",
+                   help="a finished warmup run (e.g. `memory3 train --recipe cpu-warmup`) to "
+                        "start from, with its tokenizer, instead of training one on the corpus")
+    p.add_argument("--continual-run",
+                   help="a finished continual run to evaluate instead of training one (its "
+                        "tokenizer must be the warmup's)")
     p.add_argument("--out", default="bench_runs/memory-dict")
     # One thread: on this shared 2-core machine a 2-thread step waits at every OpenMP barrier for
     # a descheduled partner; a small-preset forward+backward measured 3 s with 1 thread vs
@@ -115,6 +145,7 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--warmup-steps", type=int, default=250)
     p.add_argument("--warmup-lr", type=float, default=2e-3)
+    p.add_argument("--continual-recipe", default="small-continual")
     p.add_argument("--continual-steps", type=int, default=80)
     p.add_argument("--continual-lr", type=float, default=1e-3)
     p.add_argument("--memory-layers", default="first_half",
@@ -150,7 +181,8 @@ def build_corpus(out: Path, args) -> dict[str, Path]:
     if args.new_knowledge and args.corpus != "pycode":
         sys.exit("--new-knowledge is for --corpus pycode")
     rows, stats = {"dictionaries": dictionary_rows, "pydocs": pydocs_rows,
-                   "pycode": pycode_rows}[args.corpus](args)
+                   "pycode": pycode_rows, "pkgcode": pkgcode_rows,
+                   "own": own_rows}[args.corpus](args)
     if args.copy_drills:
         rows["train"] = copy_drills(rows["train"], args.copy_drills)
     out.mkdir(parents=True, exist_ok=True)
@@ -264,6 +296,30 @@ def pycode_rows(args) -> tuple[dict[str, list[dict]], dict]:
     return rows, {"modules": len(modules),
                   "heldout_modules": len({d["head"] for d in rows["heldout"]}),
                   "tune_modules": len({d["head"] for d in rows["tune"]})}
+
+
+def pkgcode_rows(args) -> tuple[dict[str, list[dict]], dict]:
+    return pkgcode.rows(train_chars=10_000_000, heldout_package_chars=8_000_000,
+                        heldout_fraction=(0.15 if args.heldout_fraction is None
+                                          else args.heldout_fraction),
+                        tune_fraction=0.05 if args.tune_fraction is None else args.tune_fraction)
+
+
+def own_rows(args) -> tuple[dict[str, list[dict]], dict]:
+    """A user's corpus as given: no subjects ("head" empty), so the text oracle picks, of the
+    whole knowledge base, the reference sharing most tokens with each held-out document."""
+    from memory3.data.text import iter_documents
+    given = {"train": args.train_text, "kb": args.knowledge, "heldout": args.heldout}
+    missing = [f"--{n.replace('_', '-')}" for n, v in (("train_text", args.train_text),
+                                                      ("knowledge", args.knowledge),
+                                                      ("heldout", args.heldout)) if not v]
+    if missing:
+        sys.exit(f"--corpus own needs {', '.join(missing)}")
+    rows = {name: [{"text": d.text, "head": "", "file": d.source}
+                   for d in iter_documents(paths, glob=args.glob)]
+            for name, paths in given.items()}
+    rows["tune"] = []
+    return rows, {"sources": {name: [str(p) for p in paths] for name, paths in given.items()}}
 
 
 # -- helpers: the CLI is the pipeline under test -----------------------------------------------
@@ -416,35 +472,19 @@ def text_oracle(checkpoint: Path, data: Path, kb: Path, seq_len: int, n_docs: in
 
 
 # -- 10. copying ------------------------------------------------------------------------------
-def copy_test(checkpoint: Path, data: Path, length: int = 100, rows: int = 8) -> dict:
-    """Loss on the second copy of a repeated sequence vs on the first, for random token ids and
-    for the first `length` tokens of held-out documents. A model that can use what came before
-    it in any form (induction heads: the basis of reading retrieved text or memories) predicts
-    the second copy far better; one that cannot, no better. Random ids of a large vocabulary are
-    mostly rare tokens the model barely trained, so the held-out documents are the fairer probe."""
-    import torch
-    import torch.nn.functional as F
-
+def copy_test(checkpoint: Path, data: Path, length: int = 100, spans: int = 64) -> dict:
+    """Can the model use earlier text at all (in-context copying, what reading retrieved text or
+    memories builds on): memory3's copy probe on the first `length` tokens of held-out
+    documents, each fed twice; loss on the second copy / on the first."""
+    from memory3.eval.copying import copy_probe, document_spans
     from memory3.train.checkpoint import load_model, load_tokenizer
-    model, recipe, _ = load_model(checkpoint)
-    model.eval()
+    model, _, _ = load_model(checkpoint)
     tok = load_tokenizer(checkpoint)
-    g = torch.Generator().manual_seed(0)
-    random_ids = torch.randint(100, recipe.model.vocab_size, (rows, length), generator=g)
-    docs = [ids[:length] for ids in (tok.encode(json.loads(line)["text"])
-                                     for line in data.read_text().splitlines())
-            if len(ids) >= length][:rows * 3]
-    if not docs:
+    found = document_spans((tok.encode(json.loads(line)["text"])
+                            for line in data.read_text().splitlines()), length, spans)
+    if not found:
         raise SystemExit(f"copying: no document of {data} has {length} tokens")
-    result = {}
-    for name, half in (("random", random_ids), ("document", torch.tensor(docs))):
-        x = torch.cat([torch.full((len(half), 1), tok.bos_id), half, half], dim=1)
-        with torch.no_grad():
-            logits = model(x[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
-        result[name] = {"first_copy_loss": loss[:, 1:length].mean().item(),
-                        "second_copy_loss": loss[:, length + 1:].mean().item()}
-    return result
+    return copy_probe(model, found, tok.bos_id)
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -471,19 +511,24 @@ def main(argv=None):
     print(json.loads((out / "corpus.json").read_text()), flush=True)
 
     tok_dir, shards = out / "tokenizer", out / "shards"
+    warmup = Path(args.warmup_run).resolve() if args.warmup_run else out / "warmup"
 
     def tokenize():
+        from memory3.checkpoints import load_tokenizer
         from memory3.data import prepare_data, train_tokenizer
-        if not (tok_dir / "tokenizer.model").exists():
-            train_tokenizer([files["train"]], tok_dir, 8192, progress=False)
-        prepare_data([files["train"]], tok_dir, shards, valid_fraction=0.01, progress=False)
+        if args.warmup_run:  # its vocabulary is in its weights
+            tokenizer = load_tokenizer(warmup).path
+        else:
+            if not (tok_dir / "tokenizer.model").exists():
+                train_tokenizer([files["train"]], tok_dir, 8192, progress=False)
+            tokenizer = tok_dir
+        prepare_data([files["train"]], tokenizer, shards, valid_fraction=0.01, progress=False)
     stage("tokenizer+shards", (shards / "manifest.json").exists(), tokenize)
 
     common = [f"data.path={shards}", f"data.seq_len={args.seq_len}",
               f"model.memory_layers={args.memory_layers}",
               f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1"]
-    warmup = out / "warmup"
-    stage("warmup", last_step(warmup) >= args.warmup_steps, lambda: memory3(
+    stage("warmup", bool(args.warmup_run) or last_step(warmup) >= args.warmup_steps, lambda: memory3(
         ["train", "--recipe", "small-warmup", "--out", str(warmup), "--no-progress", *common,
          f"train.max_steps={args.warmup_steps}", f"optim.lr={args.warmup_lr}",
          f"optim.min_lr={args.warmup_lr / 10}", "schedule.warmup_steps=50",
@@ -497,9 +542,11 @@ def main(argv=None):
         ["build-bank", "--checkpoint", str(warmup), "--out", str(bank), *bank_args],
         logs / "bank-warmup.log", args.threads))
 
-    continual = out / f"continual{args.tag}"
-    stage("continual", last_step(continual) >= args.continual_steps, lambda: memory3(
-        ["train", "--recipe", "small-continual", "--out", str(continual), "--no-progress",
+    continual = (Path(args.continual_run).resolve() if args.continual_run
+                 else out / f"continual{args.tag}")
+    stage("continual", bool(args.continual_run) or last_step(continual) >= args.continual_steps,
+          lambda: memory3(
+        ["train", "--recipe", args.continual_recipe, "--out", str(continual), "--no-progress",
          *common, f"continual.bank={bank}", f"train.init_from={warmup}",
          f"train.max_steps={args.continual_steps}", f"optim.lr={args.continual_lr}",
          f"optim.min_lr={args.continual_lr / 10}",
@@ -526,8 +573,9 @@ def main(argv=None):
 
     import torch
     torch.set_num_threads(args.threads)
-    retrieval = stage("retrieval", False, lambda: retrieval_hits(
-        continual, eval_bank, data, files["kb"], args.seq_len, args.eval_sequences))
+    retrieval = {} if args.corpus == "own" else stage(  # own: no subjects to score against
+        "retrieval", False, lambda: retrieval_hits(continual, eval_bank, data, files["kb"],
+                                                   args.seq_len, args.eval_sequences))
 
     oracle = {name: stage(f"text oracle {name}", False, lambda ckpt=ckpt: text_oracle(
         ckpt, data, files["kb"], args.seq_len)) for name, ckpt in (("continual", continual),
@@ -580,10 +628,9 @@ def main(argv=None):
               f"{o['perplexity_alone']:.2f}, after the knowledge on their subject "
               f"{o['perplexity_subject']:.2f}, after random knowledge {o['perplexity_random']:.2f}")
     for name, c in copying.items():
-        print(f"copying ({name}): loss on the first / second copy of a repeated sequence: random "
-              f"ids {c['random']['first_copy_loss']:.2f} / {c['random']['second_copy_loss']:.2f}, "
-              f"held-out text {c['document']['first_copy_loss']:.2f} / "
-              f"{c['document']['second_copy_loss']:.2f} nats")
+        print(f"copy probe ({name}, {c['spans']} held-out spans of {c['length']} tokens): loss "
+              f"on the first / second copy {c['first_copy_loss']:.2f} / "
+              f"{c['second_copy_loss']:.2f} nats, ratio {c['ratio']:.3f}")
     for name, r in retrieval.items():
         print(f"retrieval ({name} query): {r['hit_rate']:.3f} of {r['chunks_reading_memories']} "
               f"chunks read a reference on one of their subjects; "

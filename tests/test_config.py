@@ -24,7 +24,18 @@ def test_every_shipped_recipe_loads_and_builds_a_deepspeed_config(name):
 
 
 def test_shipped_recipes_exist():
-    assert {"tiny-warmup", "small-warmup", "2.4b-warmup"} <= set(list_recipes())
+    assert {"tiny-warmup", "small-warmup", "2.4b-warmup", "cpu-warmup", "cpu-continual"} \
+        <= set(list_recipes())
+
+
+@pytest.mark.parametrize("name", [n for n in list_recipes() if n.endswith("-continual")])
+def test_every_continual_recipe_continues_its_warmup_recipes_weights(name):
+    # `train.init_from` refuses weights of another shape (a token shift, a layer): a shipped
+    # pair that disagreed would fail only after the warmup's hours.
+    warmup = Recipe.from_name(name.replace("-continual", "-warmup"))
+    continual = Recipe.from_name(name)
+    assert continual.model.weight_differences(warmup.model) == []
+    assert continual.data.seq_len <= warmup.model.max_seq_len
 
 
 def test_presets():
