@@ -537,7 +537,8 @@ def main(argv=None):
         args.threads))
 
     bank = out / "bank-warmup"
-    bank_args = ["--knowledge", str(files["kb"]), "--embedder", args.embedder, "--no-progress"]
+    bank_args = ["--knowledge", str(files["kb"]), "--embedder", args.embedder,
+                 "--memory-layers", args.memory_layers, "--no-progress"]
     stage("bank (warmup weights)", bank_complete(bank), lambda: memory3(
         ["build-bank", "--checkpoint", str(warmup), "--out", str(bank), *bank_args],
         logs / "bank-warmup.log", args.threads))

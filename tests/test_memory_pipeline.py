@@ -293,3 +293,20 @@ def test_real_time_encoding_reproduces_the_banks_memories(warm_run, bank_dir, wo
     assert fresh == pytest.approx(stored, rel=1e-3)
     plain = evaluate(model, tok, seqs, ["none"])["none"]["loss"]
     assert abs(fresh - plain) > 1e-4  # and the memories are actually read
+
+
+def test_a_bank_stores_the_memory_layers_it_is_asked_for(warm_run, bank_dir, world_files,
+                                                         tmp_path):
+    # A continual recipe may read other layers than its warmup checkpoint was trained with
+    # (memory_layers shapes no weight): its bank, encoded by that checkpoint, must store those.
+    out = tmp_path / "layer1"
+    build_bank(warm_run, [world_files["knowledge"]], out, memory_layers=[1], progress=False)
+    both, one = MemoryBank.open(bank_dir), MemoryBank.open(out)
+    rows = np.arange(6)
+    assert torch.equal(one.memories(rows).kv[:, 0], both.memories(rows).kv[:, 1])
+    assert torch.equal(one.memories(rows).positions[:, 0], both.memories(rows).positions[:, 1])
+    _, recipe, _ = load_model(warm_run)
+    reads_layer1 = recipe.override(["model.memory_layers=[1]"]).model
+    one.check_model_config(reads_layer1)
+    with pytest.raises(Exception, match="memory_layers"):
+        both.check_model_config(reads_layer1)

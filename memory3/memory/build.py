@@ -22,6 +22,8 @@ same code with a world of one.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -227,6 +229,7 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
                shard_memories: int = 1024, text_field: str = "text",
                tokenizer: PathLike | None = None, device: str | None = None,
                shard_dir: PathLike | None = None, glob: Glob = None,
+               memory_layers: str | list[int] | None = None,
                progress: bool = True) -> dict[str, Any]:
     """Build (or resume, or extend) the memory bank `out` from the documents of `knowledge`.
 
@@ -235,6 +238,9 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
     min_relative_score: recorded in a new bank (MemoryBank.create); an existing one keeps its own.
     glob: file-name patterns selecting the knowledge files, each text file one document
     (memory3.data.text).
+    memory_layers: the layers whose memories are stored (default: the checkpoint's
+    model.memory_layers). They shape no weight, so a continual recipe may read other layers than
+    the warmup checkpoint that encodes its bank was trained with; its bank must store those.
     """
     from memory3.checkpoints import check_tokenizer, load_model
 
@@ -252,7 +258,9 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() \
             else "cpu"
     model, recipe, _ = load_model(checkpoint, device=device)
-    model_cfg = recipe.model
+    if memory_layers is not None:
+        model.cfg = dataclasses.replace(model.cfg, memory_layers=memory_layers).validate()
+    model_cfg = model.cfg
     encoder = MemoryEncoder(model)
     encoder_record = checkpoint_encoder(checkpoint)
     tok = _tokenizer_for(recipe, tokenizer, checkpoint)

@@ -84,8 +84,18 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-dir", default=None,
                    help="write this run's shards here instead of OUT/shards (another disk, or "
                         "each node's own mount; the manifest records the folder)")
+    p.add_argument("--memory-layers", default=None, metavar="LAYERS",
+                   help="layers whose memories the bank stores: first_half, middle_half, all, "
+                        "or indices like 0,1 (default: the checkpoint's model.memory_layers; "
+                        "give the continual recipe's when it reads other layers)")
     p.add_argument("--device", default=None, help="default: this rank's GPU if any, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _layers(spec: str | None) -> str | list[int] | None:
+    if spec is None or not spec.replace(",", "").replace(" ", "").isdigit():
+        return spec  # a name (or nothing): ModelConfig.validate names the valid ones
+    return [int(i) for i in spec.split(",")]
 
 
 def cmd_build_bank(args: argparse.Namespace) -> None:
@@ -98,7 +108,8 @@ def cmd_build_bank(args: argparse.Namespace) -> None:
                    min_relative_score=args.min_relative_score, batch_size=args.batch_size,
                    shard_memories=args.shard_memories, text_field=args.text_field,
                    tokenizer=args.tokenizer, device=args.device, shard_dir=args.shard_dir,
-                   glob=args.glob, progress=not args.no_progress)
+                   glob=args.glob, memory_layers=_layers(args.memory_layers),
+                   progress=not args.no_progress)
     except BankError as e:  # memory3.cli reports its own error types; this one is ours
         print(f"memory3 build-bank: error: {e}", file=sys.stderr)
         sys.exit(2)
