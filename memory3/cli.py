@@ -30,7 +30,7 @@ def _add_train(sub):
 def cmd_train(args):
     from memory3.config import Recipe
 
-    recipe = Recipe.from_name(args.recipe).override(args.overrides)
+    recipe = Recipe.from_name(args.recipe).override(args.overrides).with_absolute_paths()
     if args.dry_run:
         if recipe.train.init_from.startswith("hf:"):
             from memory3.hf.llama_import import recipe_for

@@ -431,6 +431,25 @@ class Recipe:
         recipe.vocab_size_explicit = vocab_size_explicit
         return recipe
 
+    # Fields naming files or folders. A checkpoint carries its recipe, and later jobs (build-bank,
+    # eval, a continual run's init_from) find the tokenizer through data.path from wherever they
+    # run: a path relative to the launching directory would not resolve there.
+    PATH_FIELDS = (("data", "path"), ("continual", "bank"), ("memdec", "targets"),
+                   ("train", "init_from"))
+
+    def with_absolute_paths(self, base: str | Path | None = None) -> "Recipe":
+        """A copy whose relative PATH_FIELDS are made absolute against base (default: cwd)."""
+        base = Path.cwd() if base is None else Path(base)
+        d = self.to_dict()
+        for section, field_name in self.PATH_FIELDS:
+            value = d[section][field_name]
+            prefix, rest = ("hf:", value[3:]) if value.startswith("hf:") else ("", value)
+            if rest and not Path(rest).is_absolute():
+                d[section][field_name] = prefix + str((base / rest).resolve())
+        recipe = Recipe.from_dict(d)
+        recipe.vocab_size_explicit = self.vocab_size_explicit
+        return recipe
+
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
             "train": TrainConfig, "memdec": MemDecConfig, "continual": ContinualConfig}

@@ -122,3 +122,16 @@ def test_schedules():
     lrs = [lr_at(s, 100, optim, cos) for s in range(101)]
     assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.55)
     assert lrs[100] == pytest.approx(0.1)
+
+
+def test_recipe_paths_are_made_absolute_for_the_checkpoint_to_carry(tmp_path):
+    # A run launched with data.path=shards must still find its tokenizer when build-bank or eval
+    # reads its checkpoint from another directory.
+    recipe = Recipe.from_name("tiny-continual").override(
+        ["data.path=shards", "continual.bank=/abs/bank", "train.init_from=hf:llama"])
+    fixed = recipe.with_absolute_paths(tmp_path)
+    assert fixed.data.path == str(tmp_path / "shards")
+    assert fixed.continual.bank == "/abs/bank"
+    assert fixed.train.init_from == f"hf:{tmp_path / 'llama'}"
+    assert fixed.memdec.targets == ""  # unset stays unset
+    assert fixed.model == recipe.model and fixed.train.max_steps == recipe.train.max_steps
