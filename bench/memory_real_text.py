@@ -23,7 +23,7 @@ reused on every corpus: --warmup-run RUN skips stages 2-3 (its tokenizer tokeniz
 --continual-recipe cpu-continual trains the continual phase at its shape, and --continual-run RUN
 evaluates a continual run trained elsewhere (e.g. on pkgcode) on another corpus:
     python bench/memory_real_text.py --corpus pkgcode --out bench_runs/memory-pkgcode \
-        --warmup-run runs/cpu --continual-recipe cpu-continual --continual-steps 2500 \
+        --warmup-run runs/cpu --continual-recipe cpu-continual --continual-steps 2000 \
         --memory-layers all --embedder lexical:4096
 
 Stages (each skipped when its output exists, so a re-run continues where it stopped; the
@@ -68,6 +68,7 @@ training and bank stages also resume mid-way through the library's own resume):
                knowledge on their subject (chosen by hand, not retrieved), after random knowledge.
 10. copying    can the model use earlier text at all: the copy probe (memory3.eval.copying) on
                held-out spans, loss on the second copy / the first (1: no in-context copying).
+11. decoding   generation speed from held-out prompts with no bank, memory and rag.
 Writes OUT/results-<slice><tag>.json (OUT/results.json for the default run) and prints a table.
 --slice tune evaluates the tune slice instead (for choosing settings without looking at held-out
 numbers); --tag=-NAME runs another continual setting next to the first, e.g.
@@ -157,6 +158,9 @@ def parse_args(argv=None):
                         "warmup: evaluate with the warmup bank, `memory3 eval` then encodes the "
                         "retrieved references as it reads them (memory mode's time includes that)")
     p.add_argument("--eval-sequences", type=int, default=32)
+    p.add_argument("--modes", default="none,memory,rag",
+                   help="modes evaluated for the continual checkpoint (none, memory and rag are "
+                        "needed; memory_own_chunk adds the non-causal upper bound)")
     p.add_argument("--warmup-modes", default="none,memory",
                    help="modes evaluated for the warmup checkpoint (rag is slow: one forward "
                         "per chunk)")
@@ -310,11 +314,9 @@ def own_rows(args) -> tuple[dict[str, list[dict]], dict]:
     whole knowledge base, the reference sharing most tokens with each held-out document."""
     from memory3.data.text import iter_documents
     given = {"train": args.train_text, "kb": args.knowledge, "heldout": args.heldout}
-    missing = [f"--{n.replace('_', '-')}" for n, v in (("train_text", args.train_text),
-                                                      ("knowledge", args.knowledge),
-                                                      ("heldout", args.heldout)) if not v]
-    if missing:
-        sys.exit(f"--corpus own needs {', '.join(missing)}")
+    flags = {"train": "--train-text", "kb": "--knowledge", "heldout": "--heldout"}
+    if not all(given.values()):
+        sys.exit(f"--corpus own needs {', '.join(flags[n] for n, v in given.items() if not v)}")
     rows = {name: [{"text": d.text, "head": "", "file": d.source}
                    for d in iter_documents(paths, glob=args.glob)]
             for name, paths in given.items()}
@@ -487,6 +489,43 @@ def copy_test(checkpoint: Path, data: Path, length: int = 100, spans: int = 64) 
     return copy_probe(model, found, tok.bos_id)
 
 
+# -- 11. decoding -----------------------------------------------------------------------------
+def decode_speed(checkpoint: Path, bank_dir: Path, data: Path, prompt_tokens: int = 64,
+                 prompts: int = 4, reps: int = 3) -> dict:
+    """Generation tokens/s (greedy, to the model's max_seq_len) from held-out prompts, with no
+    bank, with memory and with rag (memory3.generate, as `memory3 generate` serves), the three
+    interleaved in an order that flips every repetition; the median over prompts x reps."""
+    import statistics
+
+    from memory3.generate import generate
+    from memory3.memory.bank import MemoryBank
+    from memory3.train.checkpoint import load_model, load_tokenizer
+    model, recipe, _ = load_model(checkpoint)
+    tok = load_tokenizer(checkpoint)
+    bank = MemoryBank.open(bank_dir, verify="size")
+    texts = [tok.decode(ids[:prompt_tokens - 1]) for ids in
+             (tok.encode(json.loads(line)["text"]) for line in data.read_text().splitlines())
+             if len(ids) >= prompt_tokens][:prompts]
+    new = recipe.model.max_seq_len - prompt_tokens
+    sides = ("none", "memory", "rag")
+    speed: dict[str, list[float]] = {side: [] for side in sides}
+    for i in range(reps):
+        for text in texts:
+            for side in sides if i % 2 == 0 else sides[::-1]:
+                start = time.perf_counter()
+                out = generate(model, tok, text, bank=None if side == "none" else bank,
+                               mode="rag" if side == "rag" else "memory", max_new_tokens=new,
+                               stop_at_eos=False, reads_sink=side == "none")
+                speed[side].append((len(out.tokens) - len(tok.encode(text)) - 1)
+                                   / (time.perf_counter() - start))
+    bank.close()
+    result = {side: statistics.median(v) for side, v in speed.items()}
+    return {"tokens_per_s": result, "prompts": len(texts), "reps": reps,
+            "prompt_tokens": prompt_tokens, "new_tokens": new,
+            "memory_vs_rag": result["memory"] / result["rag"],
+            "memory_vs_none": result["memory"] / result["none"]}
+
+
 # -- main ----------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
@@ -562,7 +601,7 @@ def main(argv=None):
 
     data = files[args.slice]
     evals = {}
-    for name, ckpt, b, modes in (("continual", continual, eval_bank, "none,memory,rag"),
+    for name, ckpt, b, modes in (("continual", continual, eval_bank, args.modes),
                                  ("warmup", warmup, bank, args.warmup_modes)):
         path = out / f"eval-{args.slice}-{name}{args.tag if name == 'continual' else ''}.json"
         stage(f"eval {name}", path.exists(), lambda ckpt=ckpt, b=b, path=path, modes=modes: memory3(
@@ -585,6 +624,8 @@ def main(argv=None):
     copying = {name: stage(f"copying {name}", False, lambda ckpt=ckpt: copy_test(ckpt, data))
                for name, ckpt in (("continual", continual), ("warmup", warmup))}
 
+    decoding = stage("decoding", False, lambda: decode_speed(continual, eval_bank, data))
+
     corpus = json.loads((out / "corpus.json").read_text())
     c = evals["continual"]
     ratios = {"memory_vs_none_ppl": c["memory"]["perplexity"] / c["none"]["perplexity"],
@@ -598,7 +639,7 @@ def main(argv=None):
               "training": {"warmup": metrics_summary(warmup),
                            "continual": metrics_summary(continual)},
               "eval": evals, "ratios": ratios, "retrieval": retrieval, "text_oracle": oracle,
-              "copying": copying,
+              "copying": copying, "decoding": decoding,
               "stage_seconds": stage_seconds}
     path = out / f"results-{args.slice}{args.tag}.json"
     if path.exists():  # a re-run skips finished stages: keep the times they took then
@@ -618,7 +659,7 @@ def main(argv=None):
           f"({c['none']['tokens'] // args.seq_len} sequences of {args.seq_len})")
     print(f"{'checkpoint':<10} {'mode':<7} {'perplexity':>10} {'tokens/s':>9}")
     for name, res in evals.items():
-        for mode in (m for m in ("none", "memory", "rag") if m in res):
+        for mode in (m for m in ("none", "memory", "rag", "memory_own_chunk") if m in res):
             print(f"{name:<10} {mode:<7} {res[mode]['perplexity']:>10.3f} "
                   f"{res[mode]['tokens_per_s']:>9.0f}")
     print(f"\nmemory/none perplexity {ratios['memory_vs_none_ppl']:.3f} (goal <= 0.90); "
@@ -632,6 +673,12 @@ def main(argv=None):
         print(f"copy probe ({name}, {c['spans']} held-out spans of {c['length']} tokens): loss "
               f"on the first / second copy {c['first_copy_loss']:.2f} / "
               f"{c['second_copy_loss']:.2f} nats, ratio {c['ratio']:.3f}")
+    d = decoding
+    print(f"decoding ({d['prompts']} held-out prompts of {d['prompt_tokens']} tokens, "
+          f"{d['new_tokens']} new, x{d['reps']}): tokens/s none "
+          f"{d['tokens_per_s']['none']:.0f}, memory {d['tokens_per_s']['memory']:.0f}, rag "
+          f"{d['tokens_per_s']['rag']:.0f}; memory/rag {d['memory_vs_rag']:.2f}x (goal >= 2), "
+          f"memory/none {d['memory_vs_none']:.2f}x")
     for name, r in retrieval.items():
         print(f"retrieval ({name} query): {r['hit_rate']:.3f} of {r['chunks_reading_memories']} "
               f"chunks read a reference on one of their subjects; "
