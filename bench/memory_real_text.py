@@ -327,7 +327,10 @@ def own_rows(args) -> tuple[dict[str, list[dict]], dict]:
 # -- helpers: the CLI is the pipeline under test -----------------------------------------------
 def memory3(args: list[str], log: Path, threads: int) -> None:
     """Run `python -m memory3 ...`, output to `log`; fail loudly with its tail."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    # Each job is a world of its own: a caller's process group (its port) is not inherited.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env |= {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "memory3", *args]
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
@@ -605,7 +608,9 @@ def main(argv=None):
                                  ("warmup", warmup, bank, args.warmup_modes)):
         path = out / f"eval-{args.slice}-{name}{args.tag if name == 'continual' else ''}.json"
         stage(f"eval {name}", path.exists(), lambda ckpt=ckpt, b=b, path=path, modes=modes: memory3(
-            ["eval", "--checkpoint", str(ckpt), "--bank", str(b), "--data", str(data),
+            ["eval", "--checkpoint", str(ckpt), "--data", str(data),
+             # mode none needs no bank (and a --warmup-run's reads other layers than its bank)
+             *(["--bank", str(b)] if set(modes.split(",")) - {"none"} else []),
              "--modes", modes, "--max-sequences", str(args.eval_sequences),
              "--seq-len", str(args.seq_len), "--json", str(path)],
             logs / f"eval-{args.slice}-{name}{args.tag}.log", args.threads))
