@@ -1,5 +1,5 @@
 """bench/memory_real_text.py on a user's own corpus, from a warmup run trained elsewhere: the
-route issue 15 gives users to measure memory on their own domain (CPU, ~1 minute)."""
+route issue 15 gives users to measure memory on their own domain (CPU, ~20 s)."""
 from __future__ import annotations
 
 import json

@@ -23,7 +23,6 @@ same code with a world of one.
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
