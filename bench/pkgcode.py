@@ -19,18 +19,16 @@ SITE = Path(site.getsitepackages()[0])
 MAX_FILE_CHARS = 200_000  # a few generated giants (tables, vendored blobs) would dominate
 
 
-def packages(root: Path = SITE) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.endswith("-info"))
-
-
-def held_out_package(index: int) -> bool:
-    return index % 8 == 0
+def packages(held_out: bool, root: Path = SITE) -> list[Path]:
+    """The held-out (every 8th, by name) or the training packages of root."""
+    every = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.endswith("-info"))
+    return [p for i, p in enumerate(every) if (i % 8 == 0) == held_out]
 
 
 def python_files(root: Path, held_out: bool) -> list[Path]:
     """Every .py file of the held-out (or of the training) packages."""
-    chosen = [p for i, p in enumerate(packages(root)) if held_out_package(i) == held_out]
-    return sorted(f for p in chosen for f in p.rglob("*.py") if f.stat().st_size < MAX_FILE_CHARS)
+    return sorted(f for p in packages(held_out, root) for f in p.rglob("*.py")
+                  if f.stat().st_size < MAX_FILE_CHARS)
 
 
 def _documents(files: list[Path], package: str) -> list[dict]:
@@ -41,8 +39,7 @@ def _documents(files: list[Path], package: str) -> list[dict]:
 def _sample(held_out: bool, budget_chars: int, per_package_chars: int, seed: str):
     """(package name, its files) of packages taken in hash order until budget_chars, each
     package's files in hash order up to per_package_chars (so that no giant dominates)."""
-    chosen = [p for i, p in enumerate(packages()) if held_out_package(i) == held_out]
-    chosen.sort(key=lambda p: bucket(p.name, f"{seed}-packages"))
+    chosen = sorted(packages(held_out), key=lambda p: bucket(p.name, f"{seed}-packages"))
     total = 0
     for pkg in chosen:
         files = sorted((f for f in pkg.rglob("*.py") if 500 < f.stat().st_size < MAX_FILE_CHARS),
