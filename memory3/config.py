@@ -225,6 +225,10 @@ class ContinualConfig:
     # chunk already said, too rarely useful to teach reading on their own. Evaluation and
     # generation stay causal.
     own_chunk_share: float = 0.0
+    # The overlap filter of that share (LCS ratio; default: overlap_threshold). 1.0 keeps the
+    # references that copy the sequence, the chunk's own text among them: memory then holds the
+    # tokens to predict, the strongest signal that reading memory pays (the fact world's).
+    own_chunk_overlap: float | None = None
 
 
 @dataclass
@@ -306,6 +310,12 @@ class Recipe:
             if not 0 <= c.own_chunk_share <= 1:
                 raise ConfigError(f"continual.own_chunk_share must be within [0, 1], got "
                                   f"{c.own_chunk_share}")
+            if c.own_chunk_overlap is not None and (
+                    isinstance(c.own_chunk_overlap, bool)
+                    or not isinstance(c.own_chunk_overlap, (int, float))
+                    or not 0 <= c.own_chunk_overlap <= 1):
+                raise ConfigError(f"continual.own_chunk_overlap must be a number within [0, 1] "
+                                  f"(an LCS ratio), got {c.own_chunk_overlap!r}")
         if self.data.seq_len <= 0:
             raise ConfigError(f"data.seq_len must be positive, got {self.data.seq_len}")
         if self.data.seq_len > self.model.max_seq_len:

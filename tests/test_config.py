@@ -135,3 +135,11 @@ def test_recipe_paths_are_made_absolute_for_the_checkpoint_to_carry(tmp_path):
     assert fixed.train.init_from == f"hf:{tmp_path / 'llama'}"
     assert fixed.memdec.targets == ""  # unset stays unset
     assert fixed.model == recipe.model and fixed.train.max_steps == recipe.train.max_steps
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "true", '"all"'])
+def test_own_chunk_overlap_must_be_an_lcs_ratio(value):
+    with pytest.raises(ConfigError, match="continual.own_chunk_overlap must be a number within"):
+        Recipe.from_name("tiny-continual").override([f"continual.own_chunk_overlap={value}"])
+    assert Recipe.from_name("tiny-continual").override(
+        ["continual.own_chunk_overlap=1"]).continual.own_chunk_overlap == 1

@@ -114,6 +114,11 @@ def test_eval_modes_score_the_same_tokens(warm_run, bank_dir, world_files, tmp_p
     results = json.loads(out.read_text())
     probe = results.pop("copy_probe")
     assert probe["length"] == 32 and probe["spans"] > 0 and probe["ratio"] > 0
+    through = results.pop("memory_copy_probe")  # warm_run has memory layers
+    assert through["sparse"]["top_k"] == 8 and through["dense"]["top_k"] == 127
+    for p in through.values():
+        assert p["spans"] == probe["spans"] and p["ratio"] == pytest.approx(
+            p["memory_loss"] / p["alone_loss"])
     assert set(results) == {"none", "memory", "rag"}
     assert len({r["tokens"] for r in results.values()}) == 1
     assert len({r["bytes"] for r in results.values()}) == 1
@@ -258,6 +263,18 @@ def test_training_chunks_read_only_what_earlier_chunks_picked(tiny_data, tmp_pat
             first = c + 1 if b < own else c
             read = sorted(r for r in reads[b, c].tolist() if r >= 0)
             assert read == sorted(row[b, max(0, first - previous):first].tolist()), (b, c)
+    # Every reference here copies its sequence: the ordinary filter drops them all, while the
+    # share's own filter (own_chunk_overlap) may keep them: memory that holds the text to predict.
+    phase.recipe.continual.overlap_threshold = 0.9
+    phase.recipe.continual.own_chunk_overlap = 1.0
+    reads = phase.pick_references(x)
+    for b in range(B):
+        for c in range(C):
+            read = sorted(r for r in reads[b, c].tolist() if r >= 0)
+            if b < own:
+                assert read == sorted(row[b, max(0, c + 1 - previous):c + 1].tolist()), (b, c)
+            else:  # other sequences' chunks may be read, never this one's
+                assert not set(read) & set(row[b].tolist()), (b, c)
 
 
 def test_continual_training_writes_back_memories_of_cold_references(warm_run, world_files,
@@ -310,3 +327,30 @@ def test_a_bank_stores_the_memory_layers_it_is_asked_for(warm_run, bank_dir, wor
     one.check_model_config(reads_layer1)
     with pytest.raises(Exception, match="memory_layers"):
         both.check_model_config(reads_layer1)
+
+
+def test_a_bank_keeps_the_memory_top_k_it_is_asked_for(warm_run, bank_dir, world_files,
+                                                       tmp_path):
+    # memory_top_k shapes no weight either: a continual recipe may keep more tokens per memory.
+    from conftest import run_memory3
+    from memory3.data.tokenizer import PAD_ID
+    from memory3.memory.references import pack_references
+    out = tmp_path / "top16"
+    run_memory3("build-bank", "--checkpoint", str(warm_run), "--knowledge",
+                str(world_files["knowledge"]), "--out", str(out), "--memory-top-k", "16",
+                "--no-progress")
+    bank, rows = MemoryBank.open(out), np.arange(6)
+    model, recipe, _ = load_model(warm_run)
+    encoder = MemoryEncoder(model, top_k=16)
+    tokens, lengths = pack_references([r.tokens for r in bank.references(rows)],
+                                      ref_bos_id=encoder.ref_bos_id, pad_id=PAD_ID,
+                                      reference_len=recipe.model.reference_len)
+    with torch.no_grad():
+        fresh = encoder.encode(tokens, lengths)
+    stored = bank.memories(rows)
+    assert stored.positions.shape[-1] == 16 and torch.equal(stored.positions, fresh.positions)
+    torch.testing.assert_close(stored.kv.float(), fresh.kv.bfloat16().float())
+    keeps16 = recipe.override(["model.memory_top_k=16"]).model
+    bank.check_model_config(keeps16)
+    with pytest.raises(Exception, match="memory_top_k"):
+        MemoryBank.open(bank_dir).check_model_config(keeps16)

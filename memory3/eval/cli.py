@@ -77,7 +77,9 @@ def add_eval_parser(sub):
     p.add_argument("--copy-probe", type=non_negative_int, default=0, metavar="LENGTH",
                    help="also run the copy probe (eval/copying.py) on the first LENGTH tokens of "
                         "up to 64 documents of --data, each fed twice: loss on the second copy "
-                        "vs the first (whether the model uses its context at all)")
+                        "vs the first (whether the model uses its context at all); for a model "
+                        "with memory layers and LENGTH < reference_len, also through memory: "
+                        "each span read as its own memory, sparse and dense")
     p.add_argument("--json", type=output_file, help="write the results here")
     p.set_defaults(func=cmd_eval)
 
@@ -111,9 +113,24 @@ def cmd_eval(args):
         print(f"copy probe ({probe['spans']} spans of {probe['length']} tokens): loss "
               f"{probe['first_copy_loss']:.3f} on the first copy, {probe['second_copy_loss']:.3f} "
               f"on the second (ratio {probe['ratio']:.3f})")
+        if model.cfg.memory_layer_ids and args.copy_probe < model.cfg.reference_len:
+            results["memory_copy_probe"] = _memory_copy_probe(model, spans, tokenizer.bos_id)
     if args.json:
         write_json(args.json, results)
         print(f"wrote {args.json}")
+
+
+def _memory_copy_probe(model, spans, bos_id: int) -> dict:
+    """The copy probe through memory, at the model's memory_top_k and dense: what the read path
+    gets from a memory holding every token, and what the sparse selection keeps of it."""
+    from memory3.eval.copying import memory_copy_probe
+    out = {}
+    for name, top_k in (("sparse", None), ("dense", model.cfg.reference_len - 1)):
+        out[name] = p = memory_copy_probe(model, spans, bos_id, top_k=top_k)
+        print(f"memory copy probe, {name} (top_k {p['top_k']}): loss {p['memory_loss']:.3f} "
+              f"reading the span's own memory, {p['alone_loss']:.3f} without (ratio "
+              f"{p['ratio']:.3f})")
+    return out
 
 
 def add_generate_parser(sub):

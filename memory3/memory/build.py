@@ -229,6 +229,7 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
                tokenizer: PathLike | None = None, device: str | None = None,
                shard_dir: PathLike | None = None, glob: Glob = None,
                memory_layers: str | list[int] | None = None,
+               memory_top_k: int | None = None,
                progress: bool = True) -> dict[str, Any]:
     """Build (or resume, or extend) the memory bank `out` from the documents of `knowledge`.
 
@@ -240,6 +241,8 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
     memory_layers: the layers whose memories are stored (default: the checkpoint's
     model.memory_layers). They shape no weight, so a continual recipe may read other layers than
     the warmup checkpoint that encodes its bank was trained with; its bank must store those.
+    memory_top_k: tokens kept per memory layer and KV head (default: the checkpoint's); shapes
+    no weight either, so a continual recipe may keep more or fewer than its warmup's.
     """
     from memory3.checkpoints import check_tokenizer, load_model
 
@@ -257,8 +260,10 @@ def build_bank(checkpoint: PathLike, knowledge: Sequence[PathLike], out: PathLik
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() \
             else "cpu"
     model, recipe, _ = load_model(checkpoint, device=device)
-    if memory_layers is not None:
-        model.cfg = dataclasses.replace(model.cfg, memory_layers=memory_layers).validate()
+    chosen = {k: v for k, v in (("memory_layers", memory_layers), ("memory_top_k", memory_top_k))
+              if v is not None}
+    if chosen:
+        model.cfg = dataclasses.replace(model.cfg, **chosen).validate()
     model_cfg = model.cfg
     encoder = MemoryEncoder(model)
     encoder_record = checkpoint_encoder(checkpoint)

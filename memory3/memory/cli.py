@@ -88,6 +88,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="layers whose memories the bank stores: first_half, middle_half, all, "
                         "or indices like 0,1 (default: the checkpoint's model.memory_layers; "
                         "give the continual recipe's when it reads other layers)")
+    p.add_argument("--memory-top-k", type=positive_int, default=None, metavar="K",
+                   help="tokens kept per memory layer and KV head (default: the checkpoint's "
+                        "model.memory_top_k; give the continual recipe's when it keeps another "
+                        "number)")
     p.add_argument("--device", default=None, help="default: this rank's GPU if any, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -109,7 +113,7 @@ def cmd_build_bank(args: argparse.Namespace) -> None:
                    shard_memories=args.shard_memories, text_field=args.text_field,
                    tokenizer=args.tokenizer, device=args.device, shard_dir=args.shard_dir,
                    glob=args.glob, memory_layers=_layers(args.memory_layers),
-                   progress=not args.no_progress)
+                   memory_top_k=args.memory_top_k, progress=not args.no_progress)
     except BankError as e:  # memory3.cli reports its own error types; this one is ours
         print(f"memory3 build-bank: error: {e}", file=sys.stderr)
         sys.exit(2)

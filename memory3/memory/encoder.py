@@ -139,12 +139,18 @@ class MemoryEncoder:
     (see `memory3.memory.references.pack_references`).
     """
 
-    def __init__(self, model: Transformer, ref_bos_id: int = REF_BOS_ID):
+    def __init__(self, model: Transformer, ref_bos_id: int = REF_BOS_ID,
+                 top_k: int | None = None):
         self.model = model
         self.layer_ids = model.cfg.memory_layer_ids
         if not self.layer_ids:
             raise ValueError("the model has no memory layers (model.memory_layers is 'none')")
-        self.top_k = model.cfg.memory_top_k
+        # Another top_k than the model's makes memories no bank of this model stores: for probes
+        # of what sparsity keeps (eval/copying.py).
+        self.top_k = model.cfg.memory_top_k if top_k is None else top_k
+        if not 0 < self.top_k < model.cfg.reference_len:
+            raise ValueError(f"top_k must lie in 1..{model.cfg.reference_len - 1} (reference_len "
+                             f"- 1), got {self.top_k}")
         self.ref_bos_id = ref_bos_id
 
     def encode(self, tokens: torch.Tensor, lengths: torch.Tensor, *,

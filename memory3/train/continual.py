@@ -62,10 +62,12 @@ class ContinualPhase(WarmupPhase):
         records = self.bank.references(everything)
         tokens = {int(r): rec.tokens for r, rec in zip(everything, records)}
         picked = np.full((B, C, n_new), -1, dtype=np.int64)
+        own = round(c.own_chunk_share * B)  # the first sequences: deterministic, nothing to resume
+        own_overlap = c.overlap_threshold if c.own_chunk_overlap is None else c.own_chunk_overlap
         for b in range(B):
             rows = np.unique(candidates[b][candidates[b] >= 0]).tolist()
             too_close = exceeding([tokens[r] for r in rows], sequences[b].tolist(),
-                                  c.overlap_threshold)
+                                  own_overlap if b < own else c.overlap_threshold)
             copies = {r for r, copy in zip(rows, too_close.tolist()) if copy}
             for ci in range(C):
                 # Chunk ci + 1 reads the picks of chunks ci - N + 1 .. ci: no repeats among them.
@@ -76,7 +78,6 @@ class ContinualPhase(WarmupPhase):
         reads = np.full((B, C, N, n_new), -1, dtype=np.int64)
         for j in range(N):  # chunk ci reads the picks of chunk ci - 1 - j
             reads[:, j + 1:, j] = picked[:, :max(0, C - j - 1)]
-        own = round(c.own_chunk_share * B)  # the first sequences: deterministic, nothing to resume
         for j in range(N):  # ... or, in the curriculum's share, of chunk ci - j
             reads[:own, j:, j] = picked[:own, :C - j]
         return reads.reshape(B, C, N * n_new)
