@@ -151,6 +151,12 @@ def parse_args(argv=None):
     p.add_argument("--continual-lr", type=float, default=1e-3)
     p.add_argument("--memory-layers", default="first_half",
                    help="model.memory_layers for the whole run (it is part of the model config)")
+    p.add_argument("--memory-top-k", type=int,
+                   help="model.memory_top_k of the continual run and its banks (default: the "
+                        "continual recipe's)")
+    p.add_argument("--continual-set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="further overrides of the continual recipe, e.g. "
+                        "continual.own_chunk_share=0.5 continual.own_chunk_overlap=1.0")
     p.add_argument("--embedder", default="hashing:4096",
                    help="retrieval embedder of the banks (see memory3 build-bank --embedder)")
     p.add_argument("--eval-bank", choices=("continual", "warmup"), default="continual",
@@ -477,11 +483,18 @@ def text_oracle(checkpoint: Path, data: Path, kb: Path, seq_len: int, n_docs: in
 
 
 # -- 10. copying ------------------------------------------------------------------------------
-def copy_test(checkpoint: Path, data: Path, length: int = 100, spans: int = 64) -> dict:
+def copy_test(checkpoint: Path, data: Path, continual: Path, length: int = 100,
+              spans: int = 64) -> dict:
     """Can the model use earlier text at all (in-context copying, what reading retrieved text or
     memories builds on): memory3's copy probe on the first `length` tokens of held-out
-    documents, each fed twice; loss on the second copy / on the first."""
-    from memory3.eval.copying import copy_probe, document_spans
+    documents, each fed twice; loss on the second copy / on the first. And through memory
+    (`through_memory`): each span read as its own memory, at the continual run's memory layers
+    and top_k ("sparse") and keeping every token ("dense"): where the read path loses what the
+    text held."""
+    import dataclasses
+
+    from memory3.checkpoints import model_config
+    from memory3.eval.copying import copy_probe, document_spans, memory_copy_probe
     from memory3.train.checkpoint import load_model, load_tokenizer
     model, _, _ = load_model(checkpoint)
     tok = load_tokenizer(checkpoint)
@@ -489,7 +502,12 @@ def copy_test(checkpoint: Path, data: Path, length: int = 100, spans: int = 64) 
                             for line in data.read_text().splitlines()), length, spans)
     if not found:
         raise SystemExit(f"copying: no document of {data} has {length} tokens")
-    return copy_probe(model, found, tok.bos_id)
+    reads = model_config(continual)
+    model.cfg = dataclasses.replace(model.cfg, memory_layers=reads.memory_layers,
+                                    memory_top_k=reads.memory_top_k)
+    through = {name: memory_copy_probe(model, found, tok.bos_id, top_k=k)
+               for name, k in (("sparse", None), ("dense", reads.reference_len - 1))}
+    return {**copy_probe(model, found, tok.bos_id), "through_memory": through}
 
 
 # -- 11. decoding -----------------------------------------------------------------------------
@@ -579,8 +597,9 @@ def main(argv=None):
         args.threads))
 
     bank = out / "bank-warmup"
+    top_k = [] if args.memory_top_k is None else ["--memory-top-k", str(args.memory_top_k)]
     bank_args = ["--knowledge", str(files["kb"]), "--embedder", args.embedder,
-                 "--memory-layers", args.memory_layers, "--no-progress"]
+                 "--memory-layers", args.memory_layers, *top_k, "--no-progress"]
     stage("bank (warmup weights)", bank_complete(bank), lambda: memory3(
         ["build-bank", "--checkpoint", str(warmup), "--out", str(bank), *bank_args],
         logs / "bank-warmup.log", args.threads))
@@ -594,7 +613,9 @@ def main(argv=None):
          f"train.max_steps={args.continual_steps}", f"optim.lr={args.continual_lr}",
          f"optim.min_lr={args.continual_lr / 10}",
          f"train.eval_every={max(args.continual_steps // 3, 1)}", "train.eval_batches=8",
-         f"train.save_every={max(args.continual_steps // 3, 1)}"],
+         f"train.save_every={max(args.continual_steps // 3, 1)}",
+         *([] if args.memory_top_k is None else [f"model.memory_top_k={args.memory_top_k}"]),
+         *args.continual_set],
         logs / f"continual{args.tag}.log", args.threads))
 
     eval_bank = out / f"bank-continual{args.tag}" if args.eval_bank == "continual" else bank
@@ -626,8 +647,8 @@ def main(argv=None):
         ckpt, data, files["kb"], args.seq_len)) for name, ckpt in (("continual", continual),
                                                                    ("warmup", warmup))}
 
-    copying = {name: stage(f"copying {name}", False, lambda ckpt=ckpt: copy_test(ckpt, data))
-               for name, ckpt in (("continual", continual), ("warmup", warmup))}
+    copying = {name: stage(f"copying {name}", False, lambda ckpt=ckpt: copy_test(
+        ckpt, data, continual)) for name, ckpt in (("continual", continual), ("warmup", warmup))}
 
     decoding = stage("decoding", False, lambda: decode_speed(continual, eval_bank, data))
 
@@ -677,7 +698,9 @@ def main(argv=None):
     for name, c in copying.items():
         print(f"copy probe ({name}, {c['spans']} held-out spans of {c['length']} tokens): loss "
               f"on the first / second copy {c['first_copy_loss']:.2f} / "
-              f"{c['second_copy_loss']:.2f} nats, ratio {c['ratio']:.3f}")
+              f"{c['second_copy_loss']:.2f} nats, ratio {c['ratio']:.3f}; the span as its own "
+              f"memory: " + ", ".join(f"{k} (top_k {m['top_k']}) {m['ratio']:.3f}"
+                                      for k, m in c["through_memory"].items()))
     d = decoding
     print(f"decoding ({d['prompts']} held-out prompts of {d['prompt_tokens']} tokens, "
           f"{d['new_tokens']} new, x{d['reps']}): tokens/s none "

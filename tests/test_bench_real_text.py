@@ -33,7 +33,8 @@ def test_own_corpus_from_a_warmup_run(tiny_data, tmp_path, monkeypatch):
         "--knowledge", str(world["knowledge"]), "--heldout", str(heldout),
         "--warmup-run", str(warmup), "--continual-recipe", "tiny-continual",
         "--continual-steps", "3", "--eval-sequences", "4", "--seq-len", "256",
-        "--micro-batch", "4", "--warmup-modes", "none"])
+        "--micro-batch", "4", "--warmup-modes", "none", "--memory-top-k", "6",
+        "--continual-set", "continual.own_chunk_share=0.5", "continual.own_chunk_overlap=1.0"])
 
     report = json.loads((out / "results.json").read_text())
     assert report["corpus"]["sources"]["heldout"] == [str(heldout)]
@@ -42,6 +43,9 @@ def test_own_corpus_from_a_warmup_run(tiny_data, tmp_path, monkeypatch):
     assert report["retrieval"] == {}  # a user's corpus names no subjects to score it against
     assert report["text_oracle"]["continual"]["documents"] > 0
     assert 0 < report["copying"]["warmup"]["ratio"] < 2
+    through = report["copying"]["warmup"]["through_memory"]  # at the continual run's top_k
+    assert through["sparse"]["top_k"] == 6 and through["dense"]["top_k"] == 127
     continual = Recipe.from_dict(json.loads((out / "continual" / "recipe.json").read_text()))
     assert continual.train.init_from == str(warmup)
     assert continual.data.path == str(out / "shards")  # the corpus, in the warmup's tokenizer
+    assert continual.model.memory_top_k == 6 and continual.continual.own_chunk_overlap == 1.0
