@@ -49,3 +49,34 @@ def test_own_corpus_from_a_warmup_run(tiny_data, tmp_path, monkeypatch):
     assert continual.train.init_from == str(warmup)
     assert continual.data.path == str(out / "shards")  # the corpus, in the warmup's tokenizer
     assert continual.model.memory_top_k == 6 and continual.continual.own_chunk_overlap == 1.0
+
+
+def test_memory_sparsity_rows(tiny_data, tmp_path, monkeypatch):
+    """bench/memory_sparsity.py: every row at each top_k, the dense copy probe above the sparse
+    one's information (a memory holding every token reads as the text itself)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import memory_sparsity
+
+    from memory3.memory.build import build_bank
+    world = write_world(make_world(seed=3, n_entities=40), tmp_path / "world")
+    # The world's text, a paragraph per document (the probe needs no held-out-ness).
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": p}) + "\n"
+                            for p in world["corpus"].read_text().split("\n\n")[:40]))
+    warmup = tmp_path / "warmup"
+    train(Recipe.from_name("tiny-warmup").override([f"data.path={tiny_data}",
+                                                    "train.max_steps=6", "train.eval_every=100"]),
+          warmup, progress=False)
+    build_bank(warmup, [world["knowledge"]], tmp_path / "bank", memory_layers="all",
+               progress=False)
+    out = tmp_path / "sparsity.json"
+    memory_sparsity.main(["--checkpoint", str(warmup), "--bank", str(tmp_path / "bank"),
+                          "--data", str(text), "--top-k", "2,127", "--memory-layers", "all",
+                          "--length", "30", "--spans", "4", "--sequences", "2", "--seq-len", "128",
+                          "--threads", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["spans"] == 4 and set(report["rows"]) == {"2", "127"}
+    for row in report["rows"].values():
+        assert 0 < row["copy_ratio"] < 2 and math.isfinite(row["next_loss"])
+        assert row["causal"] > 1 and row["own_chunk"] > 1
+    assert report["rows"]["2"]["copy_ratio"] != report["rows"]["127"]["copy_ratio"]
