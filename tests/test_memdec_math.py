@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from memory3.config import ModelConfig
 from memory3.memdec import MemDecError, MemoryDecoderLM, memdec_loss, mix_log_probs
 from memory3.memdec.targets import knn_weights, sparse_distribution
-from memory3.memdec.windows import iter_window_batches
+from memory3.memdec.windows import iter_row_batches, iter_window_batches
 from memory3.model import IGNORE_INDEX, Transformer
 
 
@@ -101,6 +101,30 @@ def test_decoding_with_two_kv_caches_matches_full_recompute():
     stopped = lm.generate(prompt[:1], 8, temperature=0, eos_id=int(greedy[0, 5]))
     assert stopped.shape == (1, 6)
 
+
+def test_rows_cut_the_stream_as_memory3_eval_does():
+    """Rows of seq_len + 1 tokens, each scored from its own start: every token but the first of
+    each row is a target, with only its own row before it (eval/perplexity.text_sequences)."""
+    tokens = np.arange(100, 131)  # 31 tokens: three rows of 9, 4 left over
+    batches = list(iter_row_batches(tokens, 8, batch_size=2))
+    assert [x.shape for x, _ in batches] == [(2, 8), (1, 8)]
+    inputs, targets = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    rows = torch.arange(100, 127).view(3, 9)
+    assert torch.equal(inputs, rows[:, :-1]) and torch.equal(targets, rows[:, 1:])
+    assert [len(x) for x, _ in iter_row_batches(tokens, 8, batch_size=8, max_rows=2)] == [2]
+    with pytest.raises(MemDecError, match="fewer than one row of 32"):
+        next(iter_row_batches(tokens, 31, batch_size=1))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"seq_len": 8, "window": 8}, "takes no --window"),
+    ({"max_sequences": 4}, "give --seq-len too"),
+    ({"seq_len": 0}, "must be positive"),
+])
+def test_rows_settings_are_checked_before_anything_is_read(settings, message):
+    from memory3.memdec.evaluate import evaluate
+    with pytest.raises(MemDecError, match=message):
+        evaluate(["no-such-run"], "no-such-shards", **settings)
 
 def test_knn_weights_and_sparse_distribution():
     d = np.array([[0.0, 1.0, 1.0, np.inf], [np.inf, np.inf, np.inf, np.inf]])

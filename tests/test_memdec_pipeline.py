@@ -348,3 +348,6 @@ def test_cli_builds_and_reports_user_errors(bases, domain, tmp_path, capsys):
     assert "--window 999 must be in 1..256" in user_error(
         "build-datastore", "--base", str(bases[0]), "--data", str(domain), "--out",
         str(tmp_path / "ds2"), "--window", "999")
+    assert "--seq-len 999 is longer than the models involved read" in user_error(
+        "eval", "--base", str(bases[0]), "--data", str(domain), "--seq-len", "999",
+        "--no-progress")

@@ -105,8 +105,14 @@ def _add_eval(sub):
                    help="tokens per window (default: the smallest max_seq_len involved)")
     p.add_argument("--stride", type=int, default=None,
                    help="scored tokens per window (default: window / 2; the rest is context)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="instead of sliding windows, cut the stream as `memory3 eval --seq-len` "
+                        "cuts held-out text: rows of SEQ_LEN + 1 tokens, each scored from its "
+                        "own start (the same tokens and contexts as its modes)")
+    p.add_argument("--max-sequences", type=int, default=None,
+                   help="with --seq-len: score at most N rows (as `memory3 eval`)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    p.add_argument("--batch-size", type=int, default=8, help="windows (or rows) per forward")
     p.add_argument("--json", default=None, help="write the results (a JSON list) here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -118,6 +124,7 @@ def cmd_eval(args):
                        knn_datastore=args.knn_datastore, knn_lambda=args.knn_lambda,
                        knn_k=args.knn_k, knn_temperature=args.knn_temperature,
                        knn_exact=args.knn_exact, window=args.window, stride=args.stride,
+                       seq_len=args.seq_len, max_sequences=args.max_sequences,
                        max_tokens=args.max_tokens, batch_size=args.batch_size,
                        progress=not args.no_progress)
     print(format_table(results))

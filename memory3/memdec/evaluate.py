@@ -1,7 +1,8 @@
 """`memory3 memdec eval`: perplexity and speed of base models alone, with kNN-LM, and with a
 Memory Decoder, on held-out token shards.
 
-Every mode scores the same tokens with the same sliding windows (windows.py). Modes are timed
+Every mode scores the same tokens with the same sliding windows (windows.py), or, with seq_len,
+in the rows `memory3 eval` cuts (the same tokens and contexts as its modes). Modes are timed
 batch by batch, interleaved (base, kNN-LM, decoder, base, ...), so machine noise hits all alike;
 each model first runs one untimed batch. tokens_per_s counts scored tokens; time_vs_base is a
 mode's time over its base's time on the same batches.
@@ -22,7 +23,7 @@ from memory3.memdec.files import (MemDecError, checkpoint_identity, checkpoint_t
                                   data_identity)
 from memory3.memdec.knnlm import KnnLM
 from memory3.memdec.mixture import MemoryDecoderLM, check_compatible, target_log_probs
-from memory3.memdec.windows import iter_window_batches
+from memory3.memdec.windows import iter_row_batches, iter_window_batches
 from memory3.model import IGNORE_INDEX, Transformer
 
 # A mode: (inputs, targets) -> log p(target) (B, T), anything at ignored positions.
@@ -34,14 +35,28 @@ def evaluate(bases: list[str | Path], data: str | Path, *, split: str = "valid",
              knn_datastore: str | Path | None = None, knn_lambda: float = 0.25,
              knn_k: int = 1024, knn_temperature: float = 1.0, knn_exact: bool = False,
              window: int | None = None, stride: int | None = None,
+             seq_len: int | None = None, max_sequences: int | None = None,
              max_tokens: int | None = None, batch_size: int = 8,
              device: str | torch.device | None = None,
              progress: bool = True) -> list[dict[str, Any]]:
-    """One result per base and mode ("base", "knn-lm", "memdec"): perplexity, tokens/s, ..."""
+    """One result per base and mode ("base", "knn-lm", "memdec"): perplexity, tokens/s, ...
+
+    seq_len: score rows of seq_len + 1 tokens, each from its own start (windows.iter_row_batches,
+    `memory3 eval`'s cut), at most max_sequences of them, instead of sliding windows.
+    """
     from memory3.checkpoints import load_model
 
     if not bases:
         raise MemDecError("give at least one --base checkpoint")
+    if seq_len is not None and (window is not None or stride is not None):
+        raise MemDecError("--seq-len cuts rows as `memory3 eval` does; it takes no --window or "
+                          "--stride (those are for sliding windows)")
+    if max_sequences is not None and seq_len is None:
+        raise MemDecError("--max-sequences counts rows of --seq-len tokens: give --seq-len too")
+    if (seq_len is not None and seq_len <= 0) or (max_sequences is not None
+                                                  and max_sequences <= 0):
+        raise MemDecError(f"--seq-len and --max-sequences must be positive, got {seq_len} and "
+                          f"{max_sequences}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shards = TokenShards(data, split)
     # Checkpoints do not carry their tokenizer; their training data's manifest names it.
@@ -59,11 +74,22 @@ def evaluate(bases: list[str | Path], data: str | Path, *, split: str = "valid",
         encoder = next((m for b, m in models.items() if _same_checkpoint(b, knn_store)), None)
         encoder = encoder or load_model(knn_store.base["checkpoint"], device)[0]
     involved = [*models.values(), *[m for m in (decoder_model, encoder) if m is not None]]
-    window = window or min(m.cfg.max_seq_len for m in involved)
-    stride = stride or max(1, window // 2)
+    max_len = min(m.cfg.max_seq_len for m in involved)  # what every model involved reads
     n = len(shards) if max_tokens is None else min(len(shards), max_tokens + 1)
-    batches = list(iter_window_batches(shards.read(0, n), window, stride, batch_size))
-    settings = {"data": str(data), "split": split, "window": window, "stride": stride}
+    if seq_len is not None:
+        if seq_len > max_len:
+            raise MemDecError(f"--seq-len {seq_len} is longer than the models involved read "
+                              f"(smallest max_seq_len {max_len})")
+        if max_sequences is not None:
+            n = min(n, max_sequences * (seq_len + 1))
+        batches = list(iter_row_batches(shards.read(0, n), seq_len, batch_size, max_sequences))
+        settings = {"data": str(data), "split": split, "seq_len": seq_len,
+                    "sequences": sum(len(x) for x, _ in batches)}
+    else:
+        window = window or max_len
+        stride = stride or max(1, window // 2)
+        batches = list(iter_window_batches(shards.read(0, n), window, stride, batch_size))
+        settings = {"data": str(data), "split": split, "window": window, "stride": stride}
 
     results = []
     for base_path, base in models.items():

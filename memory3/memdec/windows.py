@@ -3,6 +3,12 @@
 Window j scores input positions j*stride .. (j+1)*stride - 1 and reads up to `window - stride`
 positions before them as context only (their targets are IGNORE_INDEX). The first window has no
 context; with stride == window the windows tile the stream (no overlap, the cheapest setting).
+
+Rows (`iter_row_batches`) cut the stream as `memory3 eval` cuts held-out text
+(eval/perplexity.text_sequences): rows of seq_len + 1 tokens, each scored from its own start. A
+row's first token is input only, so one token per row boundary is never scored and no context
+crosses rows: what lets the Memory Decoder and kNN-LM be scored on exactly the tokens, with
+exactly the contexts, that `memory3 eval` scores (bench/compare_memories.py).
 """
 from __future__ import annotations
 
@@ -39,3 +45,22 @@ def iter_window_batches(tokens: np.ndarray, window: int, stride: int,
             inputs[row, :end - first] = torch.from_numpy(tokens[first:end])
             targets[row, scored - first:end - first] = torch.from_numpy(tokens[scored + 1:end + 1])
         yield inputs, targets
+
+
+def iter_row_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
+                     max_rows: int | None = None
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) int64 batches (b <= batch_size, seq_len) of the stream cut into whole
+    rows of seq_len + 1 tokens (the remainder dropped), at most max_rows of them."""
+    if seq_len <= 0 or batch_size <= 0:
+        raise MemDecError(f"need seq_len > 0 and batch size > 0, got {seq_len} and {batch_size}")
+    n = len(tokens) // (seq_len + 1)
+    if max_rows is not None:
+        n = min(n, max_rows)
+    if n == 0:
+        raise MemDecError(f"{len(tokens)} tokens, fewer than one row of {seq_len + 1} (seq_len "
+                          f"{seq_len} + 1 target): give more tokens or a smaller seq_len")
+    rows = torch.from_numpy(np.array(tokens[:n * (seq_len + 1)], dtype=np.int64))
+    rows = rows.view(n, seq_len + 1)
+    for b in range(0, n, batch_size):
+        yield rows[b:b + batch_size, :-1], rows[b:b + batch_size, 1:]
