@@ -138,6 +138,11 @@ def parse_args(argv=None):
                    help="pycode: keep the knowledge base out of the training text (the bank holds "
                         "source the weights never saw, as a bank grown after training would); "
                         "the training text gets the source of modules outside --universe instead")
+    p.add_argument("--bank-files", type=float, default=0.0,
+                   help="pkgcode: this fraction of each training package's files goes to the "
+                        "bank only and the rest to the continual text only (default 0: every "
+                        "training file is in both, so a training chunk's bank holds the rest of "
+                        "its own file, which evaluation never offers)")
     p.add_argument("--copy-drills", type=float, default=0.0,
                    help="add this fraction (of the training characters) of copy drills to the "
                         "training text: runs of its words repeated twice, which teach a small "
@@ -309,7 +314,8 @@ def pycode_rows(args) -> tuple[dict[str, list[dict]], dict]:
 
 
 def pkgcode_rows(args) -> tuple[dict[str, list[dict]], dict]:
-    return pkgcode.rows(train_chars=10_000_000, heldout_package_chars=8_000_000,
+    return pkgcode.rows(train_chars=int(10_000_000 / (1 - args.bank_files)),
+                        heldout_package_chars=8_000_000, bank_files=args.bank_files,
                         heldout_fraction=(0.15 if args.heldout_fraction is None
                                           else args.heldout_fraction),
                         tune_fraction=0.05 if args.tune_fraction is None else args.tune_fraction)

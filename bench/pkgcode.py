@@ -59,16 +59,27 @@ def _sample(held_out: bool, budget_chars: int, per_package_chars: int, seed: str
 
 
 def rows(train_chars: int, heldout_package_chars: int, heldout_fraction: float,
-         tune_fraction: float, per_package_chars: int = 1_000_000) -> tuple[dict, dict]:
-    """train: files of training packages (the continual phase's text, also in the knowledge
-    base: a chunk's bank holds the rest of its file and package, as at evaluation). heldout /
-    tune: files of held-out packages, split by a hash of the file; kb: those packages' other
-    files plus the training text."""
+         tune_fraction: float, per_package_chars: int = 1_000_000,
+         bank_files: float = 0.0) -> tuple[dict, dict]:
+    """train: files of training packages (the continual phase's text). heldout / tune: files of
+    held-out packages, split by a hash of the file; kb: those packages' other files, plus the
+    training packages' files.
+
+    bank_files = 0: every training file is both training text and in the knowledge base (a
+    training chunk's bank holds the rest of its own file). bank_files = F: that fraction of each
+    training package's files (by a hash of the file) goes to the knowledge base only, the rest to
+    the training text only, so that training reads what evaluation reads: other files of the
+    package, never the file being predicted (train_chars then counts both)."""
     seed = "memory-pkgcode"
     out: dict[str, list[dict]] = {"train": [], "kb": [], "tune": [], "heldout": []}
     for name, files in _sample(False, train_chars, per_package_chars, seed):
-        out["train"] += _documents(files, name)
-    out["kb"] += out["train"]
+        for f in files:
+            in_bank = bucket(str(f.relative_to(SITE)), f"{seed}-bank") < bank_files
+            docs = _documents([f], name)
+            if not bank_files or not in_bank:
+                out["train"] += docs
+            if not bank_files or in_bank:
+                out["kb"] += docs
     heldout_packages = 0
     for name, files in _sample(True, heldout_package_chars, per_package_chars, seed):
         heldout_packages += 1
