@@ -358,6 +358,11 @@ def last_step(run: Path) -> int:
     return int(info[-1].name.split("-")[1]) if info else 0
 
 
+# The tokenizer every stage reads: the one the corpus's shards name (set by main). A --warmup-run
+# may record a data.path relative to wherever it was launched, where its own would not be found.
+TOKENIZER: str | None = None
+
+
 def metrics_summary(run: Path) -> dict:
     """First and last training losses (mean of 10 steps), last validation loss, median tok/s."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -392,7 +397,7 @@ def retrieval_hits(checkpoint: Path, bank_dir: Path, data: Path, kb: Path, seq_l
     from memory3.train.checkpoint import load_model, load_tokenizer
 
     _, recipe, _ = load_model(checkpoint)
-    tok = load_tokenizer(checkpoint)
+    tok = load_tokenizer(checkpoint, TOKENIZER)
     cfg = recipe.model
     seqs = text_sequences([data], tok, seq_len, max_sequences=max_sequences)
     docs = [json.loads(line) for line in data.read_text().splitlines()]
@@ -456,7 +461,7 @@ def text_oracle(checkpoint: Path, data: Path, kb: Path, seq_len: int, n_docs: in
     from memory3.train.checkpoint import load_model, load_tokenizer
     model, recipe, _ = load_model(checkpoint)
     model.eval()
-    tok = load_tokenizer(checkpoint)
+    tok = load_tokenizer(checkpoint, TOKENIZER)
     ref_len = recipe.model.reference_len
     knowledge = [json.loads(line) for line in kb.read_text().splitlines()]
     on: dict[str, list[list[int]]] = {}
@@ -503,7 +508,7 @@ def copy_test(checkpoint: Path, data: Path, continual: Path, length: int = 100,
     from memory3.eval.copying import copy_probe, document_spans, memory_copy_probe
     from memory3.train.checkpoint import load_model, load_tokenizer
     model, _, _ = load_model(checkpoint)
-    tok = load_tokenizer(checkpoint)
+    tok = load_tokenizer(checkpoint, TOKENIZER)
     found = document_spans((tok.encode(json.loads(line)["text"])
                             for line in data.read_text().splitlines()), length, spans)
     if not found:
@@ -528,7 +533,7 @@ def decode_speed(checkpoint: Path, bank_dir: Path, data: Path, prompt_tokens: in
     from memory3.memory.bank import MemoryBank
     from memory3.train.checkpoint import load_model, load_tokenizer
     model, recipe, _ = load_model(checkpoint)
-    tok = load_tokenizer(checkpoint)
+    tok = load_tokenizer(checkpoint, TOKENIZER)
     bank = MemoryBank.open(bank_dir, verify="size")
     texts = [tok.decode(ids[:prompt_tokens - 1]) for ids in
              (tok.encode(json.loads(line)["text"]) for line in data.read_text().splitlines())
@@ -604,8 +609,14 @@ def main(argv=None):
 
     bank = out / "bank-warmup"
     top_k = [] if args.memory_top_k is None else ["--memory-top-k", str(args.memory_top_k)]
+    # The corpus's shards name the tokenizer every job reads (a --warmup-run may record a
+    # data.path relative to wherever it was launched).
+    from memory3.data import load_manifest
+    global TOKENIZER
+    TOKENIZER = load_manifest(shards)["tokenizer"]["path"]
+    tokenizer = ["--tokenizer", TOKENIZER]
     bank_args = ["--knowledge", str(files["kb"]), "--embedder", args.embedder,
-                 "--memory-layers", args.memory_layers, *top_k, "--no-progress"]
+                 "--memory-layers", args.memory_layers, *top_k, *tokenizer, "--no-progress"]
     stage("bank (warmup weights)", bank_complete(bank), lambda: memory3(
         ["build-bank", "--checkpoint", str(warmup), "--out", str(bank), *bank_args],
         logs / "bank-warmup.log", args.threads))
@@ -635,7 +646,7 @@ def main(argv=None):
                                  ("warmup", warmup, bank, args.warmup_modes)):
         path = out / f"eval-{args.slice}-{name}{args.tag if name == 'continual' else ''}.json"
         stage(f"eval {name}", path.exists(), lambda ckpt=ckpt, b=b, path=path, modes=modes: memory3(
-            ["eval", "--checkpoint", str(ckpt), "--data", str(data),
+            ["eval", "--checkpoint", str(ckpt), "--data", str(data), *tokenizer,
              # mode none needs no bank (and a --warmup-run's reads other layers than its bank)
              *(["--bank", str(b)] if set(modes.split(",")) - {"none"} else []),
              "--modes", modes, "--max-sequences", str(args.eval_sequences),
