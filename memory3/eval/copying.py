@@ -31,12 +31,7 @@ def copy_probe(model, spans: Sequence[Sequence[int]], bos_id: int, *,
     equal length, in nats per token. The first token of each copy is not scored: the first has
     nothing before it but BOS, and the second's is the one token that does not follow its
     predecessor in the first copy."""
-    if not spans:
-        raise ValueError("copy probe: no spans")
-    length = len(spans[0])
-    if length < 2 or any(len(s) != length for s in spans):
-        raise ValueError(f"copy probe: spans must share one length >= 2, got "
-                         f"{sorted({len(s) for s in spans})}")
+    length = _span_length(spans, "copy probe")
     if 2 * length + 1 > model.cfg.max_seq_len + 1:
         raise ValueError(f"copy probe: two copies of {length} tokens exceed the model's "
                          f"max_seq_len {model.cfg.max_seq_len}")
@@ -65,12 +60,7 @@ def memory_copy_probe(model, spans: Sequence[Sequence[int]], bos_id: int, *,
     the span's own memory (kept at top_k tokens per memory layer and KV head, default the model's
     memory_top_k) in every chunk. Spans as in `copy_probe`, shorter than reference_len."""
     cfg = model.cfg
-    if not spans:
-        raise ValueError("memory copy probe: no spans")
-    length = len(spans[0])
-    if length < 2 or any(len(s) != length for s in spans):
-        raise ValueError(f"memory copy probe: spans must share one length >= 2, got "
-                         f"{sorted({len(s) for s in spans})}")
+    length = _span_length(spans, "memory copy probe")
     if length >= cfg.reference_len or length > cfg.max_seq_len:
         raise ValueError(f"memory copy probe: spans of {length} tokens do not fit a reference "
                          f"(reference_len {cfg.reference_len}, the reference-BOS included)")
@@ -95,6 +85,16 @@ def memory_copy_probe(model, spans: Sequence[Sequence[int]], bos_id: int, *,
     n = len(spans) * (length - 1)
     return {"alone_loss": alone / n, "memory_loss": read / n, "ratio": read / alone,
             "top_k": encoder.top_k, "spans": len(spans), "length": length}
+
+
+def _span_length(spans: Sequence[Sequence[int]], probe: str) -> int:
+    if not spans:
+        raise ValueError(f"{probe}: no spans")
+    length = len(spans[0])
+    if length < 2 or any(len(s) != length for s in spans):
+        raise ValueError(f"{probe}: spans must share one length >= 2, got "
+                         f"{sorted({len(s) for s in spans})}")
+    return length
 
 
 def _span_nll(model, x: torch.Tensor, memory: ChunkMemories) -> float:
