@@ -52,13 +52,15 @@ import os
 import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from jobs import bank_complete, last_step, run_memory3  # noqa: E402
 
 ROWS = ("base", "rag", "continual alone", "memory", "knn-lm", "memdec")
 # Bank files that hold memories (store.py); RAG reads only the references, embeddings and index.
@@ -167,20 +169,8 @@ class Pipeline:
         print(f"[{name}] {self.seconds[name]:.0f} s", flush=True)
 
     def _run(self, name: str, args: list[str]) -> None:
-        # Each job is a world of its own: a caller's process group (its port) is not inherited.
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env |= {"OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
         log = self.logs / (re.sub(r"[^a-z0-9]+", "-", name).strip("-") + ".log")
-        cmd = [sys.executable, "-m", "memory3", *args]
-        with open(log, "a") as f:
-            f.write(f"$ {shlex.join(cmd)}\n")
-            f.flush()
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                cwd=ROOT).returncode
-        if rc:
-            tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-            sys.exit(f"[{name}] memory3 {args[0]} failed (exit {rc}); log {log}:\n{tail}")
+        run_memory3(args, log, self.threads, label=f"[{name}] ")
 
 
 # -- when is a stage's output complete ------------------------------------------------------
@@ -188,18 +178,6 @@ def manifest_complete(folder: Path) -> bool:
     """Token shards, datastores and kNN targets all say `complete` in their manifest."""
     manifest = folder / "manifest.json"
     return manifest.exists() and json.loads(manifest.read_text()).get("complete") is True
-
-
-def bank_complete(bank: Path) -> bool:
-    manifest = bank / "manifest.json"
-    return manifest.exists() and all(b["complete"] for b in
-                                     json.loads(manifest.read_text())["builds"])
-
-
-def last_step(run: Path) -> int:
-    """The newest complete checkpoint's step (a save without memory3.json was torn)."""
-    saves = (run / "checkpoints").glob("step-*/memory3.json")
-    return max((int(p.parent.name.split("-")[1]) for p in saves), default=0)
 
 
 def train_args(recipe: str, out: Path, steps: int | None, overrides: list[str]) -> tuple[list, int]:

@@ -81,7 +81,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -93,6 +92,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import pkgcode  # noqa: E402
+from jobs import bank_complete, last_step, run_memory3 as memory3  # noqa: E402
 import pycode  # noqa: E402
 import pydocs  # noqa: E402
 from dictionaries import bucket, glosses, headword, quotes_wordnet, read_dictd  # noqa: E402
@@ -337,27 +337,6 @@ def own_rows(args) -> tuple[dict[str, list[dict]], dict]:
 
 
 # -- helpers: the CLI is the pipeline under test -----------------------------------------------
-def memory3(args: list[str], log: Path, threads: int) -> None:
-    """Run `python -m memory3 ...`, output to `log`; fail loudly with its tail."""
-    # Each job is a world of its own: a caller's process group (its port) is not inherited.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env |= {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "memory3", *args]
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
-        f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
-    if rc:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        sys.exit(f"memory3 {args[0]} failed (exit {rc}); log {log}:\n{tail}")
-
-
-def last_step(run: Path) -> int:
-    info = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return int(info[-1].name.split("-")[1]) if info else 0
-
-
 # The tokenizer every stage reads: the one the corpus's shards name (set by main). A --warmup-run
 # may record a data.path relative to wherever it was launched, where its own would not be found.
 TOKENIZER: str | None = None
@@ -373,12 +352,6 @@ def metrics_summary(run: Path) -> dict:
             "loss_last10": float(np.mean(losses[-10:])),
             "tokens_per_s_median": float(np.median([r["tokens_per_s"] for r in train])),
             "val": [{"step": r["step"], "val_loss": r["val_loss"]} for r in evals]}
-
-
-def bank_complete(bank: Path) -> bool:
-    manifest = bank / "manifest.json"
-    return manifest.exists() and all(b["complete"] for b in
-                                     json.loads(manifest.read_text())["builds"])
 
 
 # -- 8. retrieval ------------------------------------------------------------------------------
