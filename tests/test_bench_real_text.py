@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from memory3.config import Recipe
 from memory3.data.synthetic import make_world, write_world
 from memory3.train.trainer import train
@@ -80,3 +82,53 @@ def test_memory_sparsity_rows(tiny_data, tmp_path, monkeypatch):
         assert 0 < row["copy_ratio"] < 2 and math.isfinite(row["next_loss"])
         assert row["causal"] > 1 and row["own_chunk"] > 1
     assert report["rows"]["2"]["copy_ratio"] != report["rows"]["127"]["copy_ratio"]
+
+
+def test_retrieval_ceiling_rows_match_eval(tiny_data, tmp_path, monkeypatch):
+    """bench/retrieval_ceiling.py: its `prev` and `own` rules are exactly what `memory3 eval`
+    reads in modes memory and memory_own_chunk (same perplexities), and every rule reports a
+    recall in [0, 1]."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import retrieval_ceiling
+
+    from memory3.checkpoints import load_model, load_tokenizer
+    from memory3.eval.perplexity import evaluate, text_sequences
+    from memory3.memory.bank import MemoryBank
+    from memory3.memory.build import build_bank
+    world = write_world(make_world(seed=3, n_entities=40), tmp_path / "world")
+    warmup = tmp_path / "warmup"
+    train(Recipe.from_name("tiny-warmup").override([f"data.path={tiny_data}",
+                                                    "train.max_steps=6", "train.eval_every=100"]),
+          warmup, progress=False)
+    build_bank(warmup, [world["knowledge"]], tmp_path / "bank", progress=False)
+    report = retrieval_ceiling.main([
+        "--checkpoint", str(warmup), "--bank", str(tmp_path / "bank"),
+        "--data", str(world["heldout"]), "--sequences", "4", "--seq-len", "128", "--threads", "1",
+        "--json", str(tmp_path / "ceiling.json")])
+    assert json.loads((tmp_path / "ceiling.json").read_text()) == report
+    assert set(report["rows"]) == {"none", "prev", "context", "own", "cover"}
+    for name, row in report["rows"].items():
+        assert math.isfinite(row["perplexity"])
+        assert name == "none" or 0 <= row["novel_recall"] <= 1
+
+    model, _, _ = load_model(warmup)
+    tokenizer = load_tokenizer(warmup)
+    sequences = text_sequences([world["heldout"]], tokenizer, 128, max_sequences=4)
+    with MemoryBank.open(tmp_path / "bank") as bank:
+        ref = evaluate(model, tokenizer, sequences, ["none", "memory", "memory_own_chunk"],
+                       bank=bank)
+    for rule, mode in (("none", "none"), ("prev", "memory"), ("own", "memory_own_chunk")):
+        assert math.isclose(report["rows"][rule]["perplexity"], ref[mode]["perplexity"],
+                            rel_tol=1e-4), rule
+    # Memory changes something, or the equalities above would hold for any rows.
+    assert report["rows"]["prev"]["perplexity"] != report["rows"]["none"]["perplexity"]
+
+
+def test_retrieval_ceiling_rejects_unknown_rules(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import retrieval_ceiling
+
+    with pytest.raises(SystemExit):
+        retrieval_ceiling.parse_args(["--checkpoint", "c", "--bank", "b", "--data", "d",
+                                      "--rules", "prev,best"])
+    assert "unknown ['best']" in capsys.readouterr().err
