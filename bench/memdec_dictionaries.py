@@ -16,14 +16,24 @@ Stages (each skipped when its output exists, so a re-run continues where it stop
  3. bases      base-S and base-L, `mini`-preset variants of two sizes, pretrained on GCIDE.
  4. datastore  base-S over the domain train split (Flat index: < 2^17 positions).
  5. tuning     on the tune slice (not the held-out one): kNN temperature, then per base the
-               kNN-LM lambda and the decoder lambda, each by grid search.
+               kNN-LM lambda and each decoder's lambda, each by grid search.
  6. targets    k = 1024 with the tuned temperature; the decoder (`mini` cut to 1 layer, 0.72M
-               parameters) distilled on them.
- 7. eval       held-out WordNet, sliding windows of 128 tokens scoring the last 64: base, kNN-LM,
-               Memory Decoder and RAG (BM25 over the domain-train entries, queried with the
-               window's 64 context tokens, i.e. text before the scored tokens; the top passages
-               fill 128 tokens prepended to the window), timed interleaved batch by batch.
-Writes OUT/results.json and prints a table.
+               parameters) distilled on them (OUT/decoder, beta = 0.5). Its ablation
+               (OUT/decoder-ce): the same decoder, same batches, steps and initialisation,
+               trained with beta = 0, i.e. on cross-entropy alone (memdec_loss weighs the KL to
+               p_kNN by beta and the CE by 1 - beta): plain domain fine-tuning, no kNN imitation.
+ 7. eval       held-out WordNet, sliding windows of 128 tokens scoring the last 64, timed
+               interleaved batch by batch. Modes, per base:
+                 base       the base alone
+                 knn-lm     kNN-LM over the datastore
+                 memdec     Memory Decoder: base mixed with the distilled decoder
+                 memdec-ce  the same mixture with the cross-entropy-only decoder: what the
+                            domain interpolation alone gives, without imitating kNN
+                 rag        BM25 over the domain-train entries, queried with the window's 64
+                            context tokens (the text before the scored tokens); the top passages
+                            fill 128 tokens prepended to the window
+Writes OUT/results.json and prints a table. A folder from an older run gains the memdec-ce row on
+a re-run: only its decoder is trained (and, as always, the tuning and eval stages are redone).
 """
 from __future__ import annotations
 
@@ -64,6 +74,8 @@ from dictionaries import bucket, glosses, quotes_wordnet, read_dictd  # noqa: E4
 BASES = {"base-S": ({"n_layers": 4, "d_model": 192, "n_heads": 6, "d_mlp": 512}, 4e-3),
          "base-L": ({"n_layers": 6, "d_model": 256, "n_heads": 8, "d_mlp": 768}, 3e-3)}
 DECODER = {"n_layers": 1}
+# mode -> (run folder, beta): loss = beta * KL(p_kNN || p_dec) + (1 - beta) * CE (loss.py).
+DECODERS = {"memdec": ("decoder", 0.5), "memdec-ce": ("decoder-ce", 0.0)}
 WINDOW, STRIDE, RAG_TOKENS = 128, 64, 128
 
 
@@ -189,7 +201,10 @@ def tune_knn(store: Datastore, encoder: Transformer, bases: dict[str, Transforme
             "tune_base_ppl": {name: perplexity(lb) for name, lb in log_base.items()}}
 
 
-def tune_decoder(bases: dict[str, Transformer], decoder: Transformer, tokens: np.ndarray) -> dict:
+def tune_decoder(bases: dict[str, Transformer], decoder: Transformer,
+                 tokens: np.ndarray) -> tuple[dict[str, float], float]:
+    """Per base, the mixture lambda by grid search on the tune slice; and the decoder's own
+    perplexity there."""
     log_dec = target_log_probs(decoder, tokens)
     best = {}
     for name, model in bases.items():
@@ -197,7 +212,20 @@ def tune_decoder(bases: dict[str, Transformer], decoder: Transformer, tokens: np
         scores = {lam: perplexity(mix(log_dec, log_base, lam))
                   for lam in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)}
         best[name] = min(scores, key=scores.get)
-    return best
+    return best, perplexity(log_dec)
+
+
+def decoder_recipe(domain: Path, targets: Path, steps: int, beta: float) -> Recipe:
+    """The decoder's training; the decoders of DECODERS differ in beta only."""
+    return Recipe.from_dict({
+        "name": "memdec-dictionaries", "phase": "memdec",
+        "model": {"preset": "mini", **DECODER},
+        "data": {"path": str(domain), "seq_len": 128},
+        "memdec": {"targets": str(targets), "beta": beta},
+        "optim": {"lr": 4e-3, "min_lr": 4e-4},
+        "schedule": {"kind": "wsd", "warmup_steps": 20, "decay_fraction": 0.25},
+        "train": {"max_steps": steps, "micro_batch_size": 16, "precision": "fp32",
+                  "eval_every": 100000, "save_every": steps}})
 
 
 # -- 7. RAG baseline ----------------------------------------------------------------------------
@@ -288,19 +316,14 @@ def main(argv=None):
     tuned = stage("tune kNN", lambda: tune_knn(store, bases["base-S"], bases, tune_tokens, args.k))
     targets = stage("targets", lambda: build_targets(
         store.path, out / "targets", k=args.k, temperature=tuned["temperature"], progress=False))
-    decoder_recipe = Recipe.from_dict({
-        "name": "memdec-dictionaries", "phase": "memdec",
-        "model": {"preset": "mini", **DECODER},
-        "data": {"path": str(shards["domain"]), "seq_len": 128},
-        "memdec": {"targets": str(targets.path), "beta": 0.5},
-        "optim": {"lr": 4e-3, "min_lr": 4e-4},
-        "schedule": {"kind": "wsd", "warmup_steps": 20, "decay_fraction": 0.25},
-        "train": {"max_steps": args.decoder_steps, "micro_batch_size": 16, "precision": "fp32",
-                  "eval_every": 100000, "save_every": args.decoder_steps}})
-    stage("train decoder", lambda: train(decoder_recipe, out / "decoder", progress=False))
-    decoder = load_model(out / "decoder")[0]
-    tuned["decoder_lambda"] = stage("tune decoder", lambda: tune_decoder(bases, decoder,
-                                                                         tune_tokens))
+    decoders, tuned["decoder_lambda"], tuned["tune_decoder_ppl"] = {}, {}, {}
+    for mode, (folder, beta) in DECODERS.items():
+        recipe = decoder_recipe(shards["domain"], targets.path, args.decoder_steps, beta)
+        stage(f"train {folder}", lambda recipe=recipe, folder=folder: train(
+            recipe, out / folder, progress=False))
+        decoders[mode] = load_model(out / folder)[0]
+        tuned["decoder_lambda"][mode], tuned["tune_decoder_ppl"][mode] = stage(
+            f"tune {folder}", lambda mode=mode: tune_decoder(bases, decoders[mode], tune_tokens))
 
     heldout = TokenShards(shards["heldout"], "train")
     batches = list(iter_window_batches(heldout.read(0, len(heldout)), WINDOW, STRIDE, 8))
@@ -311,8 +334,9 @@ def main(argv=None):
                     lam=tuned["knn_lambda"][name])
         modes = {"base": model_scorer(base),
                  "knn-lm": lambda x, y, knn=knn, base=base: knn.target_log_probs(x, y, base),
-                 "memdec": model_scorer(MemoryDecoderLM(base, decoder,
-                                                        tuned["decoder_lambda"][name])),
+                 **{mode: model_scorer(MemoryDecoderLM(base, decoders[mode],
+                                                       tuned["decoder_lambda"][mode][name]))
+                    for mode in DECODERS},
                  "rag": RagScorer(base, tok, passages)}
         scores = stage(f"eval {name}", lambda modes=modes: run_modes(
             modes, batches, torch.device("cpu"), desc=name, progress=False))
@@ -325,14 +349,17 @@ def main(argv=None):
               "machine": platform.processor() or platform.machine(), "args": vars(args),
               "sizes": {"general_tokens": len(TokenShards(shards["general"], "train")),
                         "datastore_positions": store.positions, "heldout_tokens": len(heldout),
-                        "decoder_params": decoder.cfg.n_params},
+                        "decoder_params": decoders["memdec"].cfg.n_params},
+              "decoder_beta": {mode: beta for mode, (_, beta) in DECODERS.items()},
               "tuned": tuned, "targets_mass_kept": targets.manifest["mass_kept_mean"],
               "stage_seconds": stage_seconds, "results": results}
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"{'base':<7} {'params':>7} {'mode':<7} {'perplexity':>10} {'tokens/s':>9} {'x base':>7}")
+    print(f"{'base':<7} {'params':>7} {'mode':<9} {'perplexity':>10} {'tokens/s':>9} {'x base':>7}")
     for r in results:
-        print(f"{r['base']:<7} {r['params'] / 1e6:>6.2f}M {r['mode']:<7} {r['perplexity']:>10.2f} "
+        print(f"{r['base']:<7} {r['params'] / 1e6:>6.2f}M {r['mode']:<9} {r['perplexity']:>10.2f} "
               f"{r['tokens_per_s']:>9.0f} {r['time_vs_base']:>7.2f}")
+    print("memdec-ce: the same decoder trained on cross-entropy alone (beta = 0: no kNN "
+          "imitation)")
 
 
 if __name__ == "__main__":

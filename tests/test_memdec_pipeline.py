@@ -25,6 +25,7 @@ from memory3.memdec import Datastore, KnnTargets, MemDecError, build_datastore, 
 from memory3.memdec import cli, targets as targets_module
 from memory3.memdec.files import SLOW_COMMIT_ENV, checksum_array, seal
 from memory3.memdec.phase import KnnTargetLoader, MemDecPhase
+from memory3.train.checkpoint import load_model
 from memory3.train.trainer import train
 
 DATASTORE_TOKENS = 12288  # positions stored: the first 12288 of the domain's train split
@@ -320,6 +321,27 @@ def test_one_decoder_improves_two_bases(bases, domain, knn_targets, datastore, t
         assert all(r["tokens_per_s"] > 0 and r["tokens"] == base["tokens"] for r in (dec, knn))
         assert dec["perplexity"] < 0.85 * base["perplexity"], (b, base, dec)
         assert knn["perplexity"] < base["perplexity"], (b, base, knn)
+
+
+def test_beta_zero_training_does_not_depend_on_the_knn_targets(domain, datastore, knn_targets,
+                                                               tmp_path):
+    """beta = 0 (bench/memdec_dictionaries.py's cross-entropy-only ablation): the same weights
+    bit for bit whatever the targets; beta = 0.5 on the same targets does differ."""
+    other = build_targets(datastore.path, tmp_path / "other", k=8, temperature=5.0, top=4,
+                          exact=True, progress=False)
+    assert not np.array_equal(other.probs[:], knn_targets.probs[:, :4])
+
+    def trained(targets, beta, name):
+        recipe = Recipe.from_name("memdec-tiny").override(
+            [f"data.path={domain}", f"memdec.targets={targets.path}", f"memdec.beta={beta}",
+             "train.max_steps=3", "train.eval_every=1000", "train.save_every=3"])
+        train(recipe, tmp_path / name, progress=False)
+        return load_model(tmp_path / name)[0].state_dict()
+
+    ce, ce_other = trained(knn_targets, 0.0, "ce"), trained(other, 0.0, "ce-other")
+    assert all(torch.equal(ce[k], ce_other[k]) for k in ce)
+    distilled = trained(knn_targets, 0.5, "distilled")
+    assert not all(torch.equal(ce[k], distilled[k]) for k in ce)
 
 
 def test_cli_builds_and_reports_user_errors(bases, domain, tmp_path, capsys):
