@@ -12,6 +12,10 @@ Two ways to read the retrieved references, with the same queries and references 
   rag     as plain text in front of the context. The prefix changes at every chunk boundary and
           the context's keys sit after it, so the whole cache is rebuilt there: what text RAG
           really costs when decoding.
+And the usual RAG baseline (the reference paper's), which retrieves differently:
+  rag_once  `memories_per_chunk` references retrieved once, with the whole prompt as the query,
+          put as text in front of it; then plain KV-cache decoding, never retrieving again. The
+          prompt and the new tokens get the window first, the references what room is left.
 """
 from __future__ import annotations
 
@@ -25,12 +29,13 @@ from memory3.memory.reading import chunk_memories, sink_only
 from memory3.model import Transformer
 from memory3.model.transformer import sample_next
 
-MODES = ("memory", "rag")
+MODES = ("memory", "rag", "rag_once")
 
 
 @dataclass
 class Retrieval:
     chunk: int               # chunk index; its references serve positions [chunk*L, (chunk+1)*L)
+                             # (rag_once: 0, and they serve the whole generation)
     position: int            # number of tokens in the sequence when the retrieval was made
     query: str
     references: list[dict]   # row, doc_id, start, end, text of each retrieved reference
@@ -66,8 +71,9 @@ def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, mode: str
              reads_sink: bool = False) -> Generation:
     """Continue `prompt`, retrieving from `bank` every chunk (no bank: plain decoding).
 
-    mode: "memory" or "rag" (module docstring). encode_now: encode retrieved references with this
-    model rather than reading the bank's memories (for a bank filled by other weights).
+    mode: "memory", "rag" or "rag_once" (module docstring). encode_now: encode retrieved
+    references with this model rather than reading the bank's memories (for a bank filled by
+    other weights).
     reads_sink: with no bank, still read the reference-BOS sink in every chunk, as a model
     trained with memory does in every forward (mode `none` of `memory3 eval`)."""
     if mode not in MODES:
@@ -85,11 +91,13 @@ def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, mode: str
     generator = torch.Generator(device=device).manual_seed(seed)
     result = Generation(text="", tokens=tokens)
 
-    def retrieve(chunk: int) -> np.ndarray:
-        """Rows (M,) of chunk's references: its own text in the prompt, else the chunk before."""
-        lo, hi = ((chunk * L, min((chunk + 1) * L, prompt_len)) if chunk * L < prompt_len
-                  else ((chunk - 1) * L, chunk * L))
-        query = tokenizer.decode(tokens[lo:hi])
+    def retrieve(chunk: int, query: str | None = None) -> np.ndarray:
+        """Rows (M,) of chunk's references, retrieved with `query`, by default chunk's own text in
+        the prompt, else the chunk before."""
+        if query is None:
+            lo, hi = ((chunk * L, min((chunk + 1) * L, prompt_len)) if chunk * L < prompt_len
+                      else ((chunk - 1) * L, chunk * L))
+            query = tokenizer.decode(tokens[lo:hi])
         rows = bank.retrieve([query], M)[0][0]
         records = bank.references(rows[rows >= 0])
         result.retrievals.append(Retrieval(chunk, len(tokens), query, [
@@ -98,7 +106,17 @@ def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, mode: str
         return rows
 
     memory = None  # the ChunkMemories read now (memory mode)
-    if bank is not None and mode == "rag":
+    if bank is not None and mode == "rag_once":
+        rows = retrieve(0, prompt)
+        prefix = rag_references(bank.references(rows[rows >= 0]), tokenizer.bos_id,
+                                tokenizer.eos_id)[:cfg.max_seq_len - total]
+        cache = model.new_cache(1, len(prefix) + total, memory_slots=0)
+
+        def read(chunk: int) -> torch.Tensor:
+            """Prefill [references; prompt] once and return the last logits."""
+            return model(torch.tensor([prefix + tokens], device=device), cache=cache,
+                         last_only=True).logits[0, -1]
+    elif bank is not None and mode == "rag":
         cache = model.new_cache(1, cfg.max_seq_len, memory_slots=0)
 
         def read(chunk: int) -> torch.Tensor:
@@ -141,6 +159,7 @@ def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, mode: str
         return model(torch.tensor([tokens[-1:]], device=device), cache=cache,
                      memory=memory).logits[0, -1]
 
+    retrieves_per_chunk = bank is not None and mode != "rag_once"
     chunk = (prompt_len - 1) // L
     logits = read(chunk)
     while len(tokens) < total:
@@ -149,7 +168,7 @@ def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, mode: str
         if (stop_at_eos and nxt == tokenizer.eos_id) or len(tokens) >= total:
             break
         position = len(tokens) - 1  # of the token fed next
-        if bank is not None and position // L != chunk:
+        if retrieves_per_chunk and position // L != chunk:
             chunk = position // L
             logits = read(chunk)
         else:

@@ -68,6 +68,34 @@ def test_rag_decoding_equals_full_forward_over_the_same_prefix(parts):
         assert int(logits.argmax()) == out.tokens[p], f"position {p}"
 
 
+
+@torch.no_grad()
+def test_rag_once_retrieves_once_with_the_prompt_then_decodes_plainly(parts):
+    """rag_once: one retrieval, the prompt as the query; its tokens are those of a full forward
+    over [references; prompt; generated so far] at every step; a tight window cuts the
+    references, never the prompt or the new tokens."""
+    model, tok, bank = parts
+    out = generate(model, tok, PROMPT, bank=bank, mode="rag_once", max_new_tokens=3 * L,
+                   stop_at_eos=False)
+    n_prompt = len(tok.encode(PROMPT)) + 1
+    assert len(out.tokens) == n_prompt + 3 * L and len(out.retrievals) == 1
+    (once,) = out.retrievals
+    assert (once.chunk, once.position, once.query) == (0, n_prompt, PROMPT)
+    assert rows_of(once) == [int(i) for i in bank.retrieve([PROMPT], 3)[0][0] if i >= 0]
+    refs = rag_references(bank.references(rows_of(once)), tok.bos_id, tok.eos_id)
+    assert len(refs) > 0
+    for p in range(n_prompt, len(out.tokens)):
+        logits = model(torch.tensor([refs + out.tokens[:p]])).logits[0, -1]
+        assert int(logits.argmax()) == out.tokens[p], f"position {p}"
+    tight = copy.deepcopy(model)
+    tight.cfg.max_seq_len = n_prompt + 10 + 5  # room for 5 reference tokens after 10 new ones
+    cut = generate(tight, tok, PROMPT, bank=bank, mode="rag_once", max_new_tokens=10,
+                   stop_at_eos=False)
+    assert len(cut.tokens) == n_prompt + 10
+    for p in range(n_prompt, len(cut.tokens)):
+        logits = tight(torch.tensor([refs[:5] + cut.tokens[:p]])).logits[0, -1]
+        assert int(logits.argmax()) == cut.tokens[p], f"position {p}"
+
 def test_rag_inputs_keep_the_chunk_then_references_then_context():
     refs, context = list(range(100, 130)), list(range(40))
     assert rag_inputs(refs, context, 32, 48, 1000) == refs + context
