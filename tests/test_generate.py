@@ -115,6 +115,17 @@ def test_generate_cli_rag_mode(short_chunk_run, tmp_path):
     assert result["retrievals"] and all(r["references"] for r in result["retrievals"])
 
 
+def test_generate_cli_rag_once_mode(short_chunk_run, tmp_path):
+    """rag_once from the command line: one retrieval, with the prompt, for the whole generation."""
+    from conftest import run_memory3
+    run, bank = short_chunk_run
+    out = tmp_path / "rag_once.json"
+    run_memory3("generate", "--checkpoint", str(run), "--bank", str(bank), "--mode", "rag_once",
+                "--prompt", PROMPT, "--max-new-tokens", "20", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert len(result["retrievals"]) == 1 and result["retrievals"][0]["references"]
+
+
 def test_unknown_mode_is_refused(parts):
     model, tok, bank = parts
     with pytest.raises(ValueError, match="unknown generation mode"):

@@ -137,9 +137,10 @@ def add_generate_parser(sub):
     p = sub.add_parser("generate", help="generate text, retrieving memories every chunk")
     _common(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--mode", choices=["memory", "rag"], default="memory",
+    p.add_argument("--mode", choices=["memory", "rag", "rag_once"], default="memory",
                    help="read the retrieved references as memories, or as text in front of the "
-                        "context (rag: same references, cache rebuilt every chunk)")
+                        "context (rag: same references, cache rebuilt every chunk; rag_once: "
+                        "references retrieved once with the prompt, then plain decoding)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=positive_int)
