@@ -3,7 +3,9 @@
 One checkpoint, one bank, the same held-out sequences, the same reading (the bank's memories, or
 encoded now); only the rows each chunk reads change:
 
-  prev     what `memory3 eval` reads: the previous chunk's text is the query (causal).
+  prev     what `memory3 eval` reads by default: the previous chunk's text is the query (causal).
+  document the head (first chunk_len tokens) of the document under way before the chunk (causal;
+           what `memory3 eval` reads for a model with model.retrieval_query = "document").
   context  the whole preceding context is the query (causal; the lexical embedder weighs the
            last words most).
   own      the chunk's own text is the query: not causal, the upper bound eval prints as
@@ -45,7 +47,7 @@ from memory3.memory.overlap import EVAL_OVERLAP  # noqa: E402
 from memory3.memory.reading import (chunk_memories, chunk_texts, filter_overlapping,  # noqa: E402
                                     retrieve_for_chunks, sink_only)
 
-RULES = ("prev", "context", "own", "cover")
+RULES = ("prev", "document", "context", "own", "cover")
 COVER_CANDIDATES = 50
 
 
@@ -89,9 +91,10 @@ def _cover(bank, candidates, sequence: list[int], start: int, end: int, k: int) 
 
 def rule_rows(rule: str, bank, tokenizer, x: torch.Tensor, chunk_len: int, k: int) -> np.ndarray:
     """Rows (B, C, k) the chunks of x (B, T) read under `rule`; -1 = none; chunk 0 reads none."""
-    if rule in ("prev", "own"):
+    if rule in ("prev", "document", "own"):
         return retrieve_for_chunks(bank, tokenizer, x, chunk_len=chunk_len, k=k,
-                                   overlap_threshold=EVAL_OVERLAP, own_chunk=rule == "own")
+                                   overlap_threshold=EVAL_OVERLAP, own_chunk=rule == "own",
+                                   query="document" if rule == "document" else "chunk")
     B, T = x.shape
     rows = np.full((B, -(-T // chunk_len), k), -1, dtype=np.int64)
     queries, where = [], []

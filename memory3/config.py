@@ -34,6 +34,9 @@ PHASES = {
 }
 
 
+RETRIEVAL_QUERIES = ("chunk", "document")
+
+
 class ConfigError(ValueError):
     """A config, recipe or override that cannot be used; the message names the field."""
 
@@ -70,11 +73,17 @@ class ModelConfig:
     reference_len: int = 128
     chunk_len: int = 64
     memories_per_chunk: int = 5
+    # What a chunk retrieves with (memory/reading.py, chunk_queries): "chunk", the text of the
+    # chunk before it (SPEC: the reference's rule), or "document", the head (first chunk_len tokens)
+    # of the document under way: the entry's headword, the file's first lines, the article's
+    # title, which the last 64 tokens of a long document often no longer name (issue 15,
+    # dictionaries).
+    retrieval_query: str = "chunk"
 
     # Fields that shape no weight: how memories are cut and read, the longest sequence (rotary
     # tables are computed), the init scale. A run may continue another's weights with new ones.
     NOT_IN_WEIGHTS = ("name", "init_std", "max_seq_len", "memory_layers", "memory_top_k",
-                      "reference_len", "chunk_len", "memories_per_chunk")
+                      "reference_len", "chunk_len", "memories_per_chunk", "retrieval_query")
 
     def weight_differences(self, other: "ModelConfig") -> list[str]:
         """Fields that differ between self and other and change what the weights mean."""
@@ -95,6 +104,9 @@ class ModelConfig:
         if not self.memory_top_k < self.reference_len:
             raise ConfigError(f"model.memory_top_k ({self.memory_top_k}) must be smaller than "
                               f"model.reference_len ({self.reference_len})")
+        if self.retrieval_query not in RETRIEVAL_QUERIES:
+            raise ConfigError(f"model.retrieval_query must be one of {list(RETRIEVAL_QUERIES)}, "
+                              f"got {self.retrieval_query!r}")
         self.memory_layer_ids  # raises on a bad spec
         return self
 

@@ -2,9 +2,10 @@
 
 Chunks are fixed by absolute position (chunk c = positions [c*L, (c+1)*L), L = chunk_len), the
 geometry the model was trained with. The prompt is known text, so each prompt chunk retrieves with
-its own text. The rest of the last prompt chunk (the first generated tokens) keeps that chunk's
+its own query. The rest of the last prompt chunk (the first generated tokens) keeps that chunk's
 references; at every later chunk boundary they are dropped and `memories_per_chunk` new ones are
-retrieved with the L tokens just completed as the query.
+retrieved with the L tokens just completed as the query (or, model.retrieval_query "document",
+the head of the document under way).
 
 Two ways to read the retrieved references, with the same queries and references (SPEC 1b):
   memory  as explicit memories: each chunk's memory block is swapped in, the context's KV cache
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from memory3.memory.encoder import MemoryEncoder
-from memory3.memory.reading import chunk_memories, sink_only
+from memory3.memory.reading import chunk_memories, chunk_queries, sink_only
 from memory3.model import Transformer
 from memory3.model.transformer import sample_next
 
@@ -92,15 +93,16 @@ def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, mode: str
     result = Generation(text="", tokens=tokens)
 
     def retrieve(chunk: int, query: str | None = None) -> np.ndarray:
-        """Rows (M,) of chunk's references, retrieved with `query`, by default chunk's own text in
-        the prompt, else the chunk before."""
+        """Rows (M,) of chunk's references, retrieved with `query`, by default chunk's own query
+        in the prompt, else the chunk before's (reading.chunk_queries, model.retrieval_query)."""
         if query is None:
-            lo, hi = ((chunk * L, min((chunk + 1) * L, prompt_len)) if chunk * L < prompt_len
-                      else ((chunk - 1) * L, chunk * L))
-            query = tokenizer.decode(tokens[lo:hi])
-        rows = bank.retrieve([query], M)[0][0]
+            known, own = ((tokens[:prompt_len], chunk) if chunk * L < prompt_len
+                          else (tokens[:chunk * L], chunk - 1))
+            query = chunk_queries(known, tokenizer, L, cfg.retrieval_query)[own]
+        rows = (bank.retrieve([query], M)[0][0] if query is not None
+                else np.full(M, -1, dtype=np.int64))
         records = bank.references(rows[rows >= 0])
-        result.retrievals.append(Retrieval(chunk, len(tokens), query, [
+        result.retrievals.append(Retrieval(chunk, len(tokens), query or "", [
             {"row": r.row, "doc_id": r.doc_id, "start": r.start, "end": r.end, "text": r.text}
             for r in records]))
         return rows

@@ -85,8 +85,9 @@ def test_memory_sparsity_rows(tiny_data, tmp_path, monkeypatch):
 
 
 def test_retrieval_ceiling_rows_match_eval(tiny_data, tmp_path, monkeypatch):
-    """bench/retrieval_ceiling.py: its `prev` and `own` rules are exactly what `memory3 eval`
-    reads in modes memory and memory_own_chunk (same perplexities), and every rule reports a
+    """bench/retrieval_ceiling.py: its `prev`, `own` and `document` rules are exactly what
+    `memory3 eval` reads in modes memory and memory_own_chunk, and memory by the document rule
+    (same perplexities), and every rule reports a
     recall in [0, 1]."""
     monkeypatch.syspath_prepend(str(BENCH))
     import retrieval_ceiling
@@ -106,7 +107,7 @@ def test_retrieval_ceiling_rows_match_eval(tiny_data, tmp_path, monkeypatch):
         "--data", str(world["heldout"]), "--sequences", "4", "--seq-len", "128", "--threads", "1",
         "--json", str(tmp_path / "ceiling.json")])
     assert json.loads((tmp_path / "ceiling.json").read_text()) == report
-    assert set(report["rows"]) == {"none", "prev", "context", "own", "cover"}
+    assert set(report["rows"]) == {"none", "prev", "document", "context", "own", "cover"}
     for name, row in report["rows"].items():
         assert math.isfinite(row["perplexity"])
         assert name == "none" or 0 <= row["novel_recall"] <= 1
@@ -122,6 +123,11 @@ def test_retrieval_ceiling_rows_match_eval(tiny_data, tmp_path, monkeypatch):
                             rel_tol=1e-4), rule
     # Memory changes something, or the equalities above would hold for any rows.
     assert report["rows"]["prev"]["perplexity"] != report["rows"]["none"]["perplexity"]
+    model.cfg.retrieval_query = "document"  # as a model trained with that rule evaluates
+    with MemoryBank.open(tmp_path / "bank") as bank:
+        by_doc = evaluate(model, tokenizer, sequences, ["memory"], bank=bank)["memory"]
+    assert math.isclose(report["rows"]["document"]["perplexity"], by_doc["perplexity"],
+                        rel_tol=1e-4)
 
 
 def test_retrieval_ceiling_rejects_unknown_rules(capsys, monkeypatch):

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from memory3.config import Recipe
+from memory3.config import ConfigError, Recipe
 from memory3.data.synthetic import make_world, write_world
 from memory3.generate import generate
 from memory3.memory.bank import MemoryBank
 from memory3.memory.build import build_bank
 from memory3.memory.encoder import MemoryEncoder
-from memory3.memory.reading import encode_distinct, encode_rows, read_distinct, retrieve_for_chunks
+from memory3.memory.reading import (chunk_queries, encode_distinct, encode_rows, read_distinct,
+                                    retrieve_for_chunks)
 from memory3.model import compact_slots
 from memory3.train.checkpoint import load_model, load_tokenizer
 from memory3.train.metrics import read_metrics
@@ -64,6 +65,69 @@ def test_chunk_retrieval_is_causal_and_filters_copies(warm_run, bank_dir):
     filtered = retrieve_for_chunks(bank, tok, torch.tensor([seq_with_copy]), chunk_len=16, k=5,
                                    overlap_threshold=2 / 3, own_chunk=True)
     assert 7 not in filtered and 8 not in filtered
+
+
+def document_head(tokens, end, tok, L=16):
+    """Plain reference of the "document" query known at position `end`: the first L tokens of
+    the document after the last BOS or EOS before `end` (or from the start); None if empty."""
+    starts = [i + 1 for i, t in enumerate(tokens[:end]) if t in (tok.bos_id, tok.eos_id)]
+    start = max(starts, default=0)
+    return tok.decode(tokens[start:min(start + L, end)]) or None
+
+
+def test_document_queries_are_the_head_of_the_document_under_way(warm_run, bank_dir):
+    tok = load_tokenizer(warm_run)
+    bank = MemoryBank.open(bank_dir)
+    head, other, third = (list(r.tokens) for r in bank.references([7, 8, 9]))
+    # A document whose head is reference 7's text runs over chunks 0-2 and ends with chunk 2's
+    # last token (EOS); the next one fills chunk 3; chunk 4 holds a BOS mid-chunk.
+    seq = ([tok.bos_id] + head)[:16] + other[:16] + third[:15] + [tok.eos_id] \
+        + other[:16] + third[:5] + [tok.bos_id] + head[:10]
+    queries = chunk_queries(seq, tok, 16, "document")
+    assert queries == [document_head(seq, 16 * (c + 1), tok) for c in range(5)]
+    assert queries[0] == tok.decode(head[:15])
+    assert queries[1] == tok.decode(seq[1:17])  # the head: the document's first 16 tokens
+    assert queries[2] is None  # chunk 2 ended the document: nothing of the next one is known
+    assert queries[3] == tok.decode(other[:16])
+    assert queries[4] == tok.decode(head[:10])
+    assert chunk_queries(seq, tok, 16, "chunk") == [tok.decode(seq[i:i + 16])
+                                                    for i in range(0, 80, 16)]
+    with pytest.raises(ValueError, match="unknown retrieval query rule"):
+        chunk_queries(seq, tok, 16, "title")
+    # Causal retrieval by the document rule: chunk 2 still retrieves with the head, where the
+    # chunk rule queries with chunk 1's text.
+    x = torch.tensor([seq])
+    by_doc = retrieve_for_chunks(bank, tok, x, chunk_len=16, k=5, overlap_threshold=None,
+                                 query="document")
+    by_chunk = retrieve_for_chunks(bank, tok, x, chunk_len=16, k=5, overlap_threshold=None)
+    assert (by_doc[0, 2] == bank.retrieve([queries[1]], 5)[0][0]).all()
+    assert (by_doc[0, 1] == bank.retrieve([queries[0]], 5)[0][0]).all()
+    assert (by_doc[0, 3] == -1).all() and (by_doc[0, 4] >= 0).any()
+    assert (by_chunk[0, 2] == bank.retrieve([tok.decode(seq[16:32])], 5)[0][0]).all()
+
+
+def test_generation_by_the_document_rule_queries_with_the_document_head(warm_run, bank_dir):
+    model, _, _ = load_model(warm_run)
+    model.cfg.retrieval_query = "document"
+    tok = load_tokenizer(warm_run)
+    bank = MemoryBank.open(bank_dir)
+    prompt = "The city of Velmora was founded by a man from the river lands"
+    n_prompt = len(tok.encode(prompt)) + 1
+    out = generate(model, tok, prompt, bank=bank, max_new_tokens=60, stop_at_eos=False)
+    prompt_chunks = -(-n_prompt // 16)
+    assert [r.chunk for r in out.retrievals] == list(range(-(-len(out.tokens) // 16)))
+    assert len(out.retrievals) >= prompt_chunks + 3
+    for r in out.retrievals[:prompt_chunks]:  # known text: each prompt chunk's own query
+        end = min((r.chunk + 1) * 16, n_prompt)
+        assert r.query == (document_head(out.tokens[:n_prompt], end, tok) or "")
+    for r in out.retrievals[prompt_chunks:]:
+        assert r.query == (document_head(out.tokens, r.chunk * 16, tok) or "")
+        assert len(r.references) == (5 if r.query else 0)
+
+
+def test_retrieval_query_rule_is_checked():
+    with pytest.raises(ConfigError, match="model.retrieval_query"):
+        Recipe.from_name("tiny-warmup").override(['model.retrieval_query="title"'])
 
 
 def test_distinct_memories_read_like_memories_encoded_per_slot(warm_run, bank_dir):
@@ -218,20 +282,17 @@ def test_continual_training_trains_the_reference_bos_sink(continual_run, warm_ru
         assert (sink_cont - MemoryEncoder(cont).sink_kv()).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("previous", [1, 3])
-def test_training_chunks_read_only_what_earlier_chunks_picked(tiny_data, tmp_path, previous):
-    """Chunk c reads exactly the references picked with the text of chunks c-N .. c-1: never its
-    own chunk's pick (that text is what it predicts) nor a later one; chunk 0 reads none."""
+def chunk_text_phase(recipe, tmp_path, previous):
+    """(continual phase, a valid batch x, row (B, C)) for a bank with one reference per chunk of
+    x holding exactly that chunk's text, so that it is what the chunk's text picks."""
     from memory3.data import TokenShards, Tokenizer, iter_eval_batches, load_manifest
     from memory3.memory.references import Reference, reference_key
     from memory3.train.continual import ContinualPhase
-    recipe = Recipe.from_name("tiny-warmup").override(
-        [f"data.path={tiny_data}", *MEMORY, f"model.memories_per_chunk={previous}"])
-    tok = Tokenizer(load_manifest(tiny_data)["tokenizer"]["path"])
-    x, _ = next(iter_eval_batches(TokenShards(tiny_data, "valid"), recipe.data.seq_len, 3, 1))
+    tok = Tokenizer(load_manifest(recipe.data.path)["tokenizer"]["path"])
+    x, _ = next(iter_eval_batches(TokenShards(recipe.data.path, "valid"), recipe.data.seq_len,
+                                  3, 1))
     L = recipe.model.chunk_len
     B, C = x.shape[0], x.shape[1] // L
-    # One reference per chunk holding exactly that chunk's text, so it is what the chunk picks.
     refs = []
     for b in range(B):
         for c in range(C):
@@ -248,6 +309,40 @@ def test_training_chunks_read_only_what_earlier_chunks_picked(tiny_data, tmp_pat
          f"continual.previous_chunks={previous}",
          "continual.overlap_threshold=1.0"]),  # a reference may copy its chunk here
         rank=0, world_size=1, device=torch.device("cpu"))
+    return phase, x, row
+
+
+def test_training_by_the_document_rule_reads_what_the_document_head_retrieves(tiny_data,
+                                                                              tmp_path):
+    """model.retrieval_query = "document": chunk c reads what the head of the document under way
+    at its start retrieves (as evaluation and generation do), nothing where none is under way."""
+    recipe = Recipe.from_name("tiny-warmup").override(
+        [f"data.path={tiny_data}", *MEMORY, "model.memories_per_chunk=1",
+         'model.retrieval_query="document"'])
+    phase, x, row = chunk_text_phase(recipe, tmp_path, 1)
+    tok, bank = phase.tokenizer, phase.bank
+    reads = phase.pick_references(x)
+    B, C = row.shape
+    boundaries = 0
+    for b in range(B):
+        seq = x[b].tolist()
+        boundaries += sum(t in (tok.bos_id, tok.eos_id) for t in seq[1:])
+        assert reads[b, 0, 0] == -1
+        for c in range(1, C):
+            query = document_head(seq, c * 16, tok)
+            expected = bank.retrieve([query], 1)[0][0, 0] if query is not None else -1
+            assert reads[b, c, 0] == expected, (b, c)
+    assert boundaries > 0  # the batch holds document boundaries: the rule is exercised
+
+
+@pytest.mark.parametrize("previous", [1, 3])
+def test_training_chunks_read_only_what_earlier_chunks_picked(tiny_data, tmp_path, previous):
+    """Chunk c reads exactly the references picked with the text of chunks c-N .. c-1: never its
+    own chunk's pick (that text is what it predicts) nor a later one; chunk 0 reads none."""
+    recipe = Recipe.from_name("tiny-warmup").override(
+        [f"data.path={tiny_data}", *MEMORY, f"model.memories_per_chunk={previous}"])
+    phase, x, row = chunk_text_phase(recipe, tmp_path, previous)
+    B, C = row.shape
     reads = phase.pick_references(x)
     assert reads.shape == (B, C, previous)
     for b in range(B):

@@ -88,7 +88,8 @@ def fact_losses(model, bank, tokenizer, heldout: str | Path, *,
             raise ValueError(f"{heldout}: a fact sits in the first {L}-token chunk, which has no "
                              f"previous chunk to retrieve with; repeat the name more")
         rows = retrieve_for_chunks(bank, tokenizer, x, chunk_len=L, k=M,
-                                   overlap_threshold=EVAL_OVERLAP)
+                                   overlap_threshold=EVAL_OVERLAP,
+                                   query=model.cfg.retrieval_query)
         memory = chunk_memories(bank, rows, sink, encoder=encoder)
         alone = sink_only(sink, x, model.cfg) if reads_sink else None
         for mode, m in (("none", alone), ("memory", memory)):

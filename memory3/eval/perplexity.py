@@ -5,12 +5,14 @@ Modes (all score exactly the same target tokens of the same sequences):
            reference-BOS sink alone, as it does wherever retrieval finds nothing, so that none
            and memory differ only by the references read (reading.sink_only).
   memory   each chunk reads the memories of the references retrieved with the previous chunk's
-           text (causal retrieval, SPEC 1b); references overlapping the evaluated sequence by more
+           text, or the head of the document under way (model.retrieval_query; causal retrieval,
+           SPEC 1b); references overlapping the evaluated sequence by more
            than 2/3 are skipped. The headline number.
   rag      the same references as `memory` (same queries, same filter), given as plain text in
            front of the chunk's context instead of as memories: the two differ only in how the
            references are read. One forward per chunk, so it shows what text retrieval costs.
-  memory_own_chunk  an upper bound, clearly not causal: each chunk's own text is the query.
+  memory_own_chunk  an upper bound, clearly not causal: each chunk's own query (its text, or its
+           document's head as of its end).
 """
 from __future__ import annotations
 
@@ -123,11 +125,11 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
 def retrieved_rows(model, bank, tokenizer, x: torch.Tensor, own_chunk: bool = False
                    ) -> np.ndarray:
     """Rows (B, C, k) each chunk of x (B, T) reads at evaluation: causal retrieval (or the
-    chunk's own text), the evaluation overlap filter."""
+    chunk's own query) by the model's retrieval_query rule, the evaluation overlap filter."""
     cfg = model.cfg
     return retrieve_for_chunks(bank, tokenizer, x.cpu(), chunk_len=cfg.chunk_len,
                                k=cfg.memories_per_chunk, overlap_threshold=EVAL_OVERLAP,
-                               own_chunk=own_chunk)
+                               own_chunk=own_chunk, query=cfg.retrieval_query)
 
 
 def eval_memories(model, bank, tokenizer, x: torch.Tensor, *, own_chunk: bool = False,

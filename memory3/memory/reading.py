@@ -2,9 +2,10 @@
 generation so the three see memories the same way.
 
 Causal retrieval (SPEC 1b): when text is being predicted, the memories of chunk c are retrieved
-with the text of chunk c-1 as the query, never with chunk c itself (that would look at the answer);
-chunk 0 reads none. `own_chunk=True` queries with the chunk's own text: for a prompt (known text),
-or as a clearly labelled upper bound in evaluation. Retrieved references that copy the sequence
+with the query that the text up to the end of chunk c-1 makes (chunk_queries: that chunk's text, or
+the head of the document under way), never with chunk c's (that would look at the answer); chunk 0
+reads none. `own_chunk=True` takes chunk c's own query: for a prompt (known text), or as a clearly
+labelled upper bound in evaluation. Retrieved references that copy the sequence
 being predicted (overlap.py) are skipped in favour of the next candidates.
 """
 from __future__ import annotations
@@ -27,6 +28,31 @@ def chunk_texts(tokens: Sequence[int], tokenizer, chunk_len: int) -> list[str]:
             for i in range(0, len(tokens), chunk_len)]
 
 
+def chunk_queries(tokens: Sequence[int], tokenizer, chunk_len: int, rule: str = "chunk"
+                  ) -> list[str | None]:
+    """Entry c: the query known once chunk c of `tokens` is complete (so chunk c + 1's, causally).
+
+    rule "chunk": the chunk's own text. rule "document": the first chunk_len tokens of the
+    document under way at the chunk's end (it starts after the last BOS or EOS; at the sequence's
+    start if there is none), so a whole document retrieves with its head; None where that document
+    has no text yet (the chunk ended with EOS): nothing of it is known to retrieve with.
+    """
+    if rule == "chunk":
+        return chunk_texts(tokens, tokenizer, chunk_len)
+    if rule != "document":
+        raise ValueError(f"unknown retrieval query rule {rule!r}")
+    tokens = [int(t) for t in tokens]
+    boundaries = (tokenizer.bos_id, tokenizer.eos_id)
+    queries, start = [], 0
+    for lo in range(0, len(tokens), chunk_len):
+        hi = min(lo + chunk_len, len(tokens))
+        for p in range(lo, hi):
+            if tokens[p] in boundaries:
+                start = p + 1
+        queries.append(tokenizer.decode(tokens[start:min(start + chunk_len, hi)]) or None)
+    return queries
+
+
 def filter_overlapping(bank, candidates: np.ndarray, sequence: Sequence[int], k: int,
                        threshold: float | None, exclude: set[int] = frozenset()) -> list[int]:
     """The first k candidate rows (best first) not in `exclude` whose reference does not overlap
@@ -46,17 +72,18 @@ def filter_overlapping(bank, candidates: np.ndarray, sequence: Sequence[int], k:
 
 def retrieve_for_chunks(bank, tokenizer, sequences: torch.Tensor, *, chunk_len: int, k: int,
                         overlap_threshold: float | None, extra_candidates: int = 5,
-                        own_chunk: bool = False) -> np.ndarray:
-    """Row ids (B, C, k) of the references each chunk of sequences (B, T) reads; -1 = none."""
+                        own_chunk: bool = False, query: str = "chunk") -> np.ndarray:
+    """Row ids (B, C, k) of the references each chunk of sequences (B, T) reads; -1 = none.
+    query: the chunk_queries rule."""
     B, T = sequences.shape
     C = -(-T // chunk_len)
     rows = np.full((B, C, k), -1, dtype=np.int64)
     queries, where = [], []
     for b in range(B):
-        texts = chunk_texts(sequences[b].tolist(), tokenizer, chunk_len)
+        texts = chunk_queries(sequences[b].tolist(), tokenizer, chunk_len, query)
         for c in range(C):
             q = c if own_chunk else c - 1
-            if q >= 0:
+            if q >= 0 and texts[q] is not None:
                 queries.append(texts[q])
                 where.append((b, c))
     if not queries:

@@ -1,8 +1,9 @@
 """Continual training with memory: the warmup model learns to read retrieved memories.
 
-Per batch, every chunk of every sequence retrieves `new_per_chunk` references with its own text
-(skipping references that overlap the sequence by more than `overlap_threshold`, and ones the
-previous chunks already picked); chunk c reads the references picked by chunks c-1 .. c-N
+Per batch, every chunk of every sequence retrieves `new_per_chunk` references with its own query
+(`model.retrieval_query`, reading.chunk_queries: its text, or the head of its document), skipping
+references that overlap the sequence by more than `overlap_threshold`, and ones the previous
+chunks already picked; chunk c reads the references picked by chunks c-1 .. c-N
 (causal: the text it predicts never chose its memories, as at evaluation and generation), except
 in the `own_chunk_share` of each batch, a curriculum whose chunks read the picks of c .. c-N+1.
 All distinct references of the batch are encoded together, in real time, by the current weights,
@@ -25,7 +26,7 @@ from memory3.memory.bank import MemoryBank
 from memory3.memory.build import check_bank_tokenizer
 from memory3.memory.encoder import EncodedMemories, MemoryEncoder
 from memory3.memory.overlap import EVAL_OVERLAP, exceeding
-from memory3.memory.reading import (chunk_texts, encode_distinct, read_distinct,
+from memory3.memory.reading import (chunk_queries, encode_distinct, read_distinct,
                                     retrieve_for_chunks, sink_only)
 from memory3.model import ModelOutput
 from memory3.train.phases import Batch, WarmupPhase
@@ -53,9 +54,13 @@ class ContinualPhase(WarmupPhase):
         L, n_new, N = cfg.chunk_len, c.new_per_chunk, c.previous_chunks
         B, T = sequences.shape
         C = -(-T // L)
-        texts = [chunk_texts(seq, self.tokenizer, L) for seq in sequences.tolist()]
-        candidates, _ = self.bank.retrieve([t for row in texts for t in row],
-                                           n_new + c.extra_candidates)
+        queries = [q for seq in sequences.tolist()
+                   for q in chunk_queries(seq, self.tokenizer, L, cfg.retrieval_query)]
+        asked = [i for i, q in enumerate(queries) if q is not None]
+        candidates = np.full((B * C, n_new + c.extra_candidates), -1, dtype=np.int64)
+        if asked:
+            candidates[asked] = self.bank.retrieve([queries[i] for i in asked],
+                                                   n_new + c.extra_candidates)[0]
         candidates = candidates.reshape(B, C, -1)
         # One read of the store for the whole batch: sequences often retrieve the same rows.
         everything = np.unique(candidates[candidates >= 0])
@@ -117,7 +122,8 @@ class ContinualPhase(WarmupPhase):
         for batch in super().eval_batches():
             batch["rows"] = torch.from_numpy(retrieve_for_chunks(
                 self.bank, self.tokenizer, batch["inputs"].cpu(), chunk_len=cfg.chunk_len,
-                k=cfg.memories_per_chunk, overlap_threshold=EVAL_OVERLAP))
+                k=cfg.memories_per_chunk, overlap_threshold=EVAL_OVERLAP,
+                query=cfg.retrieval_query))
             yield batch
 
     def _write_back(self, distinct: np.ndarray, encoded: EncodedMemories):
