@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import subprocess
 import sys
@@ -53,6 +54,18 @@ def short_chunk_run(tiny_data, tmp_path_factory) -> tuple[Path, Path]:
     world = write_world(make_world(seed=0, n_entities=60), root / "world")
     build_bank(root / "run", [world["knowledge"]], root / "bank", progress=False)
     return root / "run", root / "bank"
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_module(name: str):
+    """bench/<name>.py imported (benchmarks are scripts, not a package)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def run_memory3(*args: str, check: bool = True, timeout: float = 300,

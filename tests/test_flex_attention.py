@@ -2,26 +2,18 @@
 output and gradients, at a tiny shape with invalid slots and sink-only chunks (CPU, ~10 s)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from memory3.model.memory_attention import memory_attention_torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    import sys
-    sys.path.insert(0, str(BENCH))
-    try:
-        import flex_attention
-    finally:
-        sys.path.remove(str(BENCH))
-    return flex_attention
+    from conftest import bench_module
+    return bench_module("flex_attention")
 
 
 @pytest.mark.parametrize("layer", ["memory", "sink"])

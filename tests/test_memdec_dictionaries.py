@@ -3,8 +3,6 @@ with beta = 0, which memdec_loss makes cross-entropy alone (CPU, ~1 s). That its
 does not depend on the kNN targets is in test_memdec_pipeline.py."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,18 +10,11 @@ import torch.nn.functional as F
 from memory3.memdec import memdec_loss
 from memory3.model import IGNORE_INDEX
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    import sys
-    sys.path.insert(0, str(BENCH))
-    try:
-        import memdec_dictionaries
-    finally:
-        sys.path.remove(str(BENCH))
-    return memdec_dictionaries
+    from conftest import bench_module
+    return bench_module("memdec_dictionaries")
 
 
 def test_the_ablation_differs_from_the_distilled_decoder_in_beta_only(bench, tmp_path):
