@@ -169,6 +169,10 @@ def parse_args(argv=None):
                         "warmup: evaluate with the warmup bank, `memory3 eval` then encodes the "
                         "retrieved references as it reads them (memory mode's time includes that)")
     p.add_argument("--eval-sequences", type=int, default=32)
+    p.add_argument("--eval-context", type=int, default=0, metavar="N",
+                   help="memory3 eval --context N: sliding windows, each sequence's first N "
+                        "tokens context only (N = 64: only tokens whose chunk reads memory are "
+                        "scored); its results go to their own files")
     p.add_argument("--modes", default="none,memory,rag",
                    help="modes evaluated for the continual checkpoint (none, memory and rag are "
                         "needed; memory_own_chunk adds the non-causal upper bound)")
@@ -614,17 +618,20 @@ def main(argv=None):
         logs / f"bank-continual{args.tag}.log", args.threads))
 
     data = files[args.slice]
+    scoring = f"-context{args.eval_context}" if args.eval_context else ""
     evals = {}
     for name, ckpt, b, modes in (("continual", continual, eval_bank, args.modes),
                                  ("warmup", warmup, bank, args.warmup_modes)):
-        path = out / f"eval-{args.slice}-{name}{args.tag if name == 'continual' else ''}.json"
+        path = out / (f"eval-{args.slice}-{name}{args.tag if name == 'continual' else ''}"
+                      f"{scoring}.json")
         stage(f"eval {name}", path.exists(), lambda ckpt=ckpt, b=b, path=path, modes=modes: memory3(
             ["eval", "--checkpoint", str(ckpt), "--data", str(data), *tokenizer,
              # mode none needs no bank (and a --warmup-run's reads other layers than its bank)
              *(["--bank", str(b)] if set(modes.split(",")) - {"none"} else []),
              "--modes", modes, "--max-sequences", str(args.eval_sequences),
-             "--seq-len", str(args.seq_len), "--json", str(path)],
-            logs / f"eval-{args.slice}-{name}{args.tag}.log", args.threads))
+             "--seq-len", str(args.seq_len), "--context", str(args.eval_context),
+             "--json", str(path)],
+            logs / f"{path.stem}.log", args.threads))
         evals[name] = json.loads(path.read_text())
 
     import torch
@@ -657,12 +664,12 @@ def main(argv=None):
               "eval": evals, "ratios": ratios, "retrieval": retrieval, "text_oracle": oracle,
               "copying": copying, "decoding": decoding,
               "stage_seconds": stage_seconds}
-    path = out / f"results-{args.slice}{args.tag}.json"
+    path = out / f"results-{args.slice}{args.tag}{scoring}.json"
     if path.exists():  # a re-run skips finished stages: keep the times they took then
         report["stage_seconds"] = {**json.loads(path.read_text())["stage_seconds"],
                                    **stage_seconds}
     path.write_text(json.dumps(report, indent=1) + "\n")
-    if args.slice == "heldout" and not args.tag:
+    if args.slice == "heldout" and not args.tag and not args.eval_context:
         (out / "results.json").write_text(path.read_text())
 
     tr = report["training"]
@@ -671,8 +678,10 @@ def main(argv=None):
         val = ", ".join(f"{v['step']}: {v['val_loss']:.3f}" for v in t["val"])
         print(f"{name}: {t['steps']} steps, train loss {t['loss_first10']:.3f} -> "
               f"{t['loss_last10']:.3f}, val loss [{val}], {t['tokens_per_s_median']:.0f} tok/s")
-    print(f"\n{args.slice} {args.corpus}: {c['none']['tokens']} tokens "
-          f"({c['none']['tokens'] // args.seq_len} sequences of {args.seq_len})")
+    print(f"\n{args.slice} {args.corpus}: {c['none']['tokens']} tokens scored "
+          f"({c['none']['tokens'] // (args.seq_len - args.eval_context)} sequences of "
+          f"{args.seq_len}" + (f", the first {args.eval_context} context only)"
+                               if args.eval_context else ")"))
     print(f"{'checkpoint':<10} {'mode':<7} {'perplexity':>10} {'tokens/s':>9}")
     for name, res in evals.items():
         for mode in (m for m in ("none", "memory", "rag", "memory_own_chunk") if m in res):

@@ -192,6 +192,50 @@ def test_eval_modes_score_the_same_tokens(warm_run, bank_dir, world_files, tmp_p
         assert r["bits_per_byte"] == pytest.approx(
             r["loss"] * r["tokens"] / math.log(2) / r["bytes"])
     assert results["memory"]["perplexity"] != results["none"]["perplexity"]
+    run_memory3("eval", "--checkpoint", str(warm_run), "--data", str(world_files["heldout"]),
+                "--max-sequences", "3", "--modes", "none", "--seq-len", "48", "--context", "16",
+                "--json", str(out))
+    assert json.loads(out.read_text())["none"]["tokens"] == 3 * (48 - 16)
+    bad = run_memory3("eval", "--checkpoint", str(warm_run), "--data",
+                      str(world_files["heldout"]), "--modes", "none", "--seq-len", "48",
+                      "--context", "48", check=False)
+    assert bad.returncode != 0 and "scoring context (48 tokens)" in bad.stderr
+
+
+def test_sliding_window_eval_scores_each_token_once_after_its_context(warm_run, bank_dir,
+                                                                      world_files):
+    """--context N: rows overlap by N tokens and only targets after the first N are scored, so the
+    scored tokens are the held-out stream's, each once; every mode's loss is a plain cross-entropy
+    over exactly those positions of what the mode computes for the whole row."""
+    import torch.nn.functional as F
+
+    from memory3.data import DataError
+    from memory3.eval.perplexity import eval_memories, evaluate, rag_logits, text_sequences
+    model, _, _ = load_model(warm_run)
+    tok = load_tokenizer(warm_run)
+    bank = MemoryBank.open(bank_dir)
+    T, N = 48, 16
+    plain = text_sequences([world_files["heldout"]], tok, T)
+    rows = text_sequences([world_files["heldout"]], tok, T, context=N)
+    stream = text_sequences([world_files["heldout"]], tok, 1).reshape(-1).tolist()  # all of it
+    assert rows.shape[1] == T + 1 and len(rows) > len(plain)
+    scored = rows[:, 1 + N:].reshape(-1).tolist()
+    assert scored == stream[1 + N:1 + N + len(scored)]  # each token once, in order
+    assert len(stream) - len(scored) - (N + 1) <= T - N  # and the stream is used up
+    rows = rows[:3]
+    results = evaluate(model, tok, rows, ["none", "memory", "rag"], bank=bank, context=N)
+    x, y = rows[:, :-1], rows[:, 1:]
+    full = {"none": model(x).logits,
+            "memory": model(x, memory=eval_memories(model, bank, tok, x)).logits,
+            "rag": torch.stack([rag_logits(model, bank, tok, x[b:b + 1]) for b in range(3)])}
+    for mode, logits in full.items():
+        loss = F.cross_entropy(logits[:, N:].float().flatten(0, 1), y[:, N:].flatten())
+        assert results[mode]["loss"] == pytest.approx(loss.item(), rel=1e-5), mode
+        assert results[mode]["tokens"] == 3 * (T - N)
+    bytes_ = int(tok.token_bytes()[y[:, N:].numpy()].sum())
+    assert {r["bytes"] for r in results.values()} == {bytes_}
+    with pytest.raises(DataError, match="scoring context"):
+        text_sequences([world_files["heldout"]], tok, T, context=T)
 
 
 @pytest.fixture(scope="module")

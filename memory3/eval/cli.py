@@ -71,6 +71,12 @@ def add_eval_parser(sub):
                    help="comma list of none, memory, rag, memory_own_chunk (an upper bound)")
     p.add_argument("--seq-len", type=positive_int, help="default: the checkpoint's data.seq_len")
     p.add_argument("--max-sequences", type=positive_int, default=64)
+    p.add_argument("--context", type=non_negative_int, default=0, metavar="N",
+                   help="sliding-window perplexity: sequences overlap by N tokens and each one's "
+                        "first N are context only, so every token is scored once, after at least "
+                        "N tokens of its text; N = the chunk length (64) scores only tokens whose "
+                        "chunk reads memory (a sequence's first chunk has nothing to retrieve "
+                        "with). Default 0: sequences back to back, every token scored")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--text-field", default="text",
                    help="JSON Lines field or Parquet column holding the text")
@@ -95,11 +101,13 @@ def cmd_eval(args):
                               f"{recipe.model.max_seq_len})")
     seqs = text_sequences(args.data, tokenizer, args.seq_len or recipe.data.seq_len,
                           max_sequences=args.max_sequences, text_field=args.text_field,
-                          glob=args.glob)
-    print(f"{len(seqs)} sequences of {seqs.shape[1] - 1} tokens from {', '.join(args.data)}")
+                          glob=args.glob, context=args.context)
+    print(f"{len(seqs)} sequences of {seqs.shape[1] - 1} tokens from {', '.join(args.data)}"
+          + (f", scored after their first {args.context}" if args.context else ""))
     results = evaluate(model, tokenizer, seqs, args.modes, bank=bank,
                        batch_size=args.batch_size, encode_now=bool(args.bank and args.encode_now),
-                       reads_sink=trained_with_memory(recipe), progress=True)
+                       reads_sink=trained_with_memory(recipe), context=args.context,
+                       progress=True)
     if args.copy_probe:
         from memory3.data import iter_documents
         from memory3.eval.copying import copy_probe, document_spans

@@ -38,34 +38,44 @@ MODES = ("none", "memory", "rag", "memory_own_chunk")
 
 def text_sequences(paths: Sequence[str | Path], tokenizer: Tokenizer, seq_len: int, *,
                    max_sequences: int | None = None, text_field: str = "text",
-                   glob: Glob = None) -> torch.Tensor:
+                   glob: Glob = None, context: int = 0) -> torch.Tensor:
     """Documents of the inputs (memory3.data.text) as [BOS] doc [EOS] ..., cut into
-    (N, seq_len + 1) rows."""
+    (N, seq_len + 1) rows: back to back, or, with `context`, each starting `seq_len - context`
+    tokens after the one before, so that scoring every row's targets from position `context`
+    (`evaluate(..., context=)`) scores each token once, after at least `context` tokens of its
+    text (sliding-window perplexity)."""
+    if not 0 <= context < seq_len:
+        raise DataError(f"the scoring context ({context} tokens) must be within [0, seq_len "
+                        f"{seq_len})")
     stats = ReadStats()
     stream: list[int] = []
-    need = None if max_sequences is None else max_sequences * (seq_len + 1)
+    need = None if max_sequences is None else max_sequences * (seq_len + 1)  # enough either way
     for doc in iter_documents(paths, text_field=text_field, stats=stats, glob=glob):
         stream += [tokenizer.bos_id, *tokenizer.encode(doc.text), tokenizer.eos_id]
         if need is not None and len(stream) >= need:
             break
     require_documents(stats, paths)
-    n = len(stream) // (seq_len + 1)
+    stride = seq_len - context if context else seq_len + 1
+    n = (len(stream) - (seq_len + 1)) // stride + 1 if len(stream) > seq_len else 0
     if n == 0:
         raise DataError(f"{', '.join(map(str, paths))}: {len(stream)} tokens (BOS and EOS "
                         f"included), fewer than one sequence of {seq_len + 1} (seq_len "
                         f"{seq_len} + 1 target): give more held-out text or a smaller --seq-len")
     if max_sequences is not None:
         n = min(n, max_sequences)
-    return torch.tensor(stream[:n * (seq_len + 1)]).view(n, seq_len + 1)
+    return torch.tensor(stream).unfold(0, seq_len + 1, stride)[:n].contiguous()
 
 
 @torch.no_grad()
 def evaluate(model: Transformer, tokenizer: Tokenizer, sequences: torch.Tensor,
              modes: Sequence[str] = ("none",), *, bank=None, batch_size: int = 8,
-             encode_now: bool = False, reads_sink: bool = False,
+             encode_now: bool = False, reads_sink: bool = False, context: int = 0,
              progress: bool = False) -> dict[str, dict]:
     """{mode: {perplexity, loss, bits_per_byte, tokens, bytes, tokens_per_s, seconds}} for
-    sequences (N, T + 1).
+    sequences (N, T + 1), scoring each row's targets from position `context` on (the rows of
+    text_sequences(..., context=): every mode reads the whole row, the first `context` tokens as
+    context only). A sequence's first chunk reads no memory (causal retrieval has nothing to
+    query with), so context >= chunk_len scores only tokens whose chunk does.
 
     reads_sink: the model was trained reading memory (a continual checkpoint, see
     `trained_with_memory`): mode none reads the sink alone.
@@ -82,22 +92,26 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, sequences: torch.Tensor,
     sink = MemoryEncoder(model).sink_kv() if reads_sink else None
     # Bits per byte: the nats of every predicted token (document ends too) over the bytes of
     # text they decode to; comparable across tokenizers where perplexity is not.
-    text_bytes = int(tokenizer.token_bytes()[sequences[:, 1:].numpy()].sum())
+    if not 0 <= context < sequences.shape[1] - 1:
+        raise ValueError(f"context {context} must be within [0, {sequences.shape[1] - 1})")
+    text_bytes = int(tokenizer.token_bytes()[sequences[:, 1 + context:].numpy()].sum())
     results = {}
     for mode in modes:
         start = time.perf_counter()
         nll = count = 0.0
         for i in range(0, len(sequences), batch_size):
             batch = sequences[i:i + batch_size]
-            x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
+            x, y = batch[:, :-1].to(device), batch[:, 1 + context:].to(device)
             if mode == "none":
                 alone = None if sink is None else sink_only(sink, x, model.cfg)
-                loss_sum = _nll(model(x, memory=alone).logits, y)
+                loss_sum = _nll(model(x, memory=alone).logits[:, context:], y)
             elif mode == "rag":
-                loss_sum = _rag_nll(model, bank, tokenizer, x, y)
+                loss_sum = sum(_nll(rag_logits(model, bank, tokenizer, x[b:b + 1], context)[None],
+                                    y[b:b + 1]) for b in range(x.shape[0]))
             else:
-                loss_sum = _memory_nll(model, bank, tokenizer, x, y, mode == "memory_own_chunk",
-                                       encode_now)
+                memory = eval_memories(model, bank, tokenizer, x,
+                                       own_chunk=mode == "memory_own_chunk", encode_now=encode_now)
+                loss_sum = _nll(model(x, memory=memory).logits[:, context:], y)
             nll += loss_sum
             count += y.numel()
         seconds = time.perf_counter() - start
@@ -157,13 +171,3 @@ def rag_logits(model, bank, tokenizer, x: torch.Tensor, first: int = 0) -> torch
         logits = model(torch.tensor([inputs], device=x.device)).logits[0]
         parts.append(logits[len(inputs) - (end - max(start, first)):])
     return torch.cat(parts)
-
-
-def _memory_nll(model, bank, tokenizer, x, y, own_chunk: bool, encode_now: bool) -> float:
-    memory = eval_memories(model, bank, tokenizer, x, own_chunk=own_chunk, encode_now=encode_now)
-    return _nll(model(x, memory=memory).logits, y)
-
-
-def _rag_nll(model, bank, tokenizer, x, y) -> float:
-    return sum(_nll(rag_logits(model, bank, tokenizer, x[b:b + 1])[None], y[b:b + 1])
-               for b in range(x.shape[0]))
