@@ -363,8 +363,8 @@ def retrieval_hits(checkpoint: Path, bank_dir: Path, data: Path, kb: Path, seq_l
                    max_sequences: int) -> dict:
     """Fraction of chunks (that read memories) whose retrieved references are about the subject
     (a headword, a module: field "head") of a document in the chunk, with the exact retrieval
-    `memory3 eval` does in `memory` mode (and, as an upper bound, with the chunk's own text as the
-    query)."""
+    `memory3 eval` does in `memory` mode, with each query rule, and, as an upper bound, with the
+    chunk's own query."""
     import torch
 
     from memory3.eval.perplexity import text_sequences
@@ -396,9 +396,14 @@ def retrieval_hits(checkpoint: Path, bank_dir: Path, data: Path, kb: Path, seq_l
     x = seqs[:, :-1]
     L = cfg.chunk_len
     out = {}
-    for name, own in (("causal", False), ("own_chunk", True)):
+    # causal: the model's own rule (model.retrieval_query), as `memory3 eval` reads; then each
+    # rule by name, to compare
+    for name, own, query in (("causal", False, cfg.retrieval_query),
+                             ("causal_chunk", False, "chunk"),
+                             ("causal_document", False, "document"),
+                             ("own_chunk", True, cfg.retrieval_query)):
         rows = retrieve_for_chunks(bank, tok, x, chunk_len=L, k=cfg.memories_per_chunk,
-                                   overlap_threshold=EVAL_OVERLAP, own_chunk=own)
+                                   overlap_threshold=EVAL_OVERLAP, own_chunk=own, query=query)
         flat = np.unique(rows[rows >= 0])
         head_of = {int(r): kb_heads[int(rec.doc_id.rsplit("#", 1)[1])]
                    for r, rec in zip(flat, bank.references(flat))}
