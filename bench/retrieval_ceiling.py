@@ -22,6 +22,10 @@ references contain; a cheap measure of what a rule fetches, comparable across mo
 If `own` and `cover` barely beat `none`, no retriever can make memory pay for this model on this
 bank: reading, not retrieval, is the limit.
 
+Perplexities are also split by where the predicted token sits: in the sequence's first chunk
+(which reads nothing causally), in a document under way since an earlier chunk (which a causal
+query can know about), or in a document begun inside its chunk (after its retrieval).
+
     python bench/retrieval_ceiling.py --checkpoint runs/cpu-continual --bank bank \
         --data heldout.jsonl --sequences 64
 """
@@ -48,6 +52,7 @@ from memory3.memory.reading import (chunk_memories, chunk_texts, filter_overlapp
                                     retrieve_for_chunks, sink_only)
 
 RULES = ("prev", "document", "context", "own", "cover")
+CAUSAL = ("prev", "document", "context")
 COVER_CANDIDATES = 50
 
 
@@ -137,22 +142,46 @@ def novel_recall(bank, x: torch.Tensor, rows: np.ndarray, chunk_len: int) -> tup
 
 
 @torch.no_grad()
+def position_classes(x: torch.Tensor, tokenizer, chunk_len: int) -> torch.Tensor:
+    """(B, T) index into CLASSES of each position of x (the token it predicts follows it):
+    in the sequence's first chunk; in a document under way (begun before the position's chunk);
+    in a document begun inside the chunk (after its retrieval: nothing causal can know it)."""
+    B, T = x.shape
+    out = torch.zeros(B, T, dtype=torch.long)
+    for b in range(B):
+        start = 0  # the current document's first position (0: it began before the sequence)
+        for t, token in enumerate(x[b].tolist()):
+            if token in (tokenizer.bos_id, tokenizer.eos_id):
+                start = t + 1
+            chunk_start = t // chunk_len * chunk_len
+            out[b, t] = 0 if t < chunk_len else 1 if start < chunk_start else 2
+    return out
+
+
+CLASSES = ("first chunk", "document under way", "document begun in the chunk")
+
+
 def measure(model, tokenizer, bank, sequences: torch.Tensor, rules: list[str], *,
             reads_sink: bool, batch_size: int, encode_now: bool) -> dict:
     cfg = model.cfg
     encoder = MemoryEncoder(model)
     sink = encoder.sink_kv() if reads_sink else None
     names = ["none", *rules]
-    nll = dict.fromkeys(names, 0.0)
+    nll = {name: torch.zeros(len(CLASSES), dtype=torch.float64) for name in names}
+    count = torch.zeros(len(CLASSES), dtype=torch.float64)
     hits = dict.fromkeys(rules, 0)
     novel = 0
     for i in range(0, len(sequences), batch_size):
         x, y = sequences[i:i + batch_size, :-1], sequences[i:i + batch_size, 1:]
+        classes = position_classes(x, tokenizer, cfg.chunk_len).flatten()
+        count += torch.bincount(classes, minlength=len(CLASSES))
 
-        def loss(memory) -> float:
+        def loss(memory) -> torch.Tensor:
+            """Summed NLL per position class."""
             logits = model(x, memory=memory).logits
-            return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                   reduction="sum").item()
+            per_token = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                        reduction="none")
+            return torch.bincount(classes, weights=per_token.double(), minlength=len(CLASSES))
 
         nll["none"] += loss(None if sink is None else sink_only(sink, x, cfg))
         for rule in rules:
@@ -164,10 +193,14 @@ def measure(model, tokenizer, bank, sequences: torch.Tensor, rules: list[str], *
             hits[rule] += hit
         novel += n  # the same count under every rule
     tokens = sequences[:, 1:].numel()
-    ppl = {name: math.exp(v / tokens) for name, v in nll.items()}
+    ppl = {name: math.exp(v.sum().item() / tokens) for name, v in nll.items()}
     return {"sequences": len(sequences), "tokens": tokens, "novel_tokens": novel,
+            "classes": {c: {"share": (count[j] / tokens).item()} for j, c in enumerate(CLASSES)},
             "rows": {name: {"perplexity": ppl[name], "ratio": ppl[name] / ppl["none"],
-                            "novel_recall": hits[name] / max(novel, 1) if name in hits else None}
+                            "novel_recall": hits[name] / max(novel, 1) if name in hits else None,
+                            "perplexity_by_class": {
+                                c: math.exp(nll[name][j].item() / max(count[j].item(), 1))
+                                for j, c in enumerate(CLASSES)}}
                      for name in names}}
 
 
@@ -192,10 +225,16 @@ def main(argv=None) -> dict:
           f"new to their sequence in chunks >= 1")
     print(f"{'rule':<8} {'causal':<7} {'perplexity':>10} {'x none':>7} {'novel recall':>13}")
     for name, row in report["rows"].items():
-        causal = "-" if name == "none" else "yes" if name in ("prev", "context") else "no"
+        causal = "-" if name == "none" else "yes" if name in CAUSAL else "no"
         recall = "" if row["novel_recall"] is None else f"{row['novel_recall']:.3f}"
         print(f"{name:<8} {causal:<7} {row['perplexity']:>10.3f} {row['ratio']:>7.3f} "
               f"{recall:>13}")
+    print("perplexity by where the predicted token sits (share of tokens):")
+    print(f"{'rule':<8} " + " ".join(f"{c} ({v['share']:.2f})".rjust(max(len(c) + 7, 12))
+                                    for c, v in report["classes"].items()))
+    for name, row in report["rows"].items():
+        print(f"{name:<8} " + " ".join(f"{row['perplexity_by_class'][c]:.3f}".rjust(
+            max(len(c) + 7, 12)) for c in report["classes"]))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return report

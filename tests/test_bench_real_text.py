@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from memory3.config import Recipe
 from memory3.data.synthetic import make_world, write_world
@@ -108,9 +109,15 @@ def test_retrieval_ceiling_rows_match_eval(tiny_data, tmp_path, monkeypatch):
         "--json", str(tmp_path / "ceiling.json")])
     assert json.loads((tmp_path / "ceiling.json").read_text()) == report
     assert set(report["rows"]) == {"none", "prev", "document", "context", "own", "cover"}
+    shares = {c: v["share"] for c, v in report["classes"].items()}
+    assert sum(shares.values()) == pytest.approx(1) and shares["first chunk"] == pytest.approx(0.5)
     for name, row in report["rows"].items():
         assert math.isfinite(row["perplexity"])
         assert name == "none" or 0 <= row["novel_recall"] <= 1
+        # the classes split the tokens: their perplexities average (in log) to the whole
+        assert math.exp(sum(shares[c] * math.log(p) for c, p in
+                            row["perplexity_by_class"].items())) == pytest.approx(
+            row["perplexity"], rel=1e-6)
 
     model, _, _ = load_model(warmup)
     tokenizer = load_tokenizer(warmup)
@@ -128,6 +135,21 @@ def test_retrieval_ceiling_rows_match_eval(tiny_data, tmp_path, monkeypatch):
         by_doc = evaluate(model, tokenizer, sequences, ["memory"], bank=bank)["memory"]
     assert math.isclose(report["rows"]["document"]["perplexity"], by_doc["perplexity"],
                         rel_tol=1e-4)
+
+
+def test_retrieval_ceiling_position_classes(monkeypatch):
+    """First chunk / a document under way since an earlier chunk / a document begun in the chunk
+    (after its retrieval), by the position that predicts the token."""
+    from types import SimpleNamespace
+    monkeypatch.syspath_prepend(str(BENCH))
+    import retrieval_ceiling
+    tok = SimpleNamespace(bos_id=1, eos_id=2)
+    seq = [9, 9, 9, 9, 9, 9, 9, 2, 1, 9, 9, 9, 9, 1, 9, 9]  # chunks of 4
+    got = retrieval_ceiling.position_classes(torch.tensor([seq]), tok, 4)[0].tolist()
+    assert got == [0, 0, 0, 0,  # the first chunk, whatever it holds
+                   1, 1, 1, 2,  # under way since chunk 0; the EOS starts a new document
+                   2, 2, 2, 2,  # BOS at 8, then its document: begun in chunk 2
+                   1, 2, 2, 2]  # under way in chunk 3 until the BOS at 13
 
 
 def test_retrieval_ceiling_rejects_unknown_rules(capsys, monkeypatch):
