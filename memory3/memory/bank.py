@@ -65,9 +65,9 @@ class ReferenceRecord:
 
 
 # Fields that change no memory: the preset's name is a label, the init scale is gone once there
-# are weights, and the longest sequence only sizes rotary tables (a warmup at 512 tokens and its
-# continual run at 256 read the same bank).
-_NOT_IN_MEMORIES = ("name", "init_std", "max_seq_len")
+# are weights, the longest sequence only sizes rotary tables (a warmup at 512 tokens and its
+# continual run at 256 read the same bank), and what a chunk queries with is the reader's choice.
+_NOT_IN_MEMORIES = ("name", "init_std", "max_seq_len", "retrieval_query")
 
 
 def _config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
