@@ -66,6 +66,11 @@ def parse_args(argv=None):
     p.add_argument("--sequences", type=int, default=64)
     p.add_argument("--seq-len", type=int, help="default: the checkpoint's data.seq_len")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--memories-per-chunk", type=int,
+                   help="memories each chunk reads (default: the checkpoint's model config)")
+    p.add_argument("--memory-top-k", type=int,
+                   help="tokens a memory keeps per layer and head, as the bank was built with "
+                        "(build-bank --memory-top-k; default: the checkpoint's)")
     p.add_argument("--encode-now", action="store_true",
                    help="encode references with the checkpoint (a bank filled by other weights)")
     p.add_argument("--threads", type=int, default=2)
@@ -209,6 +214,10 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     model, recipe, _ = load_model(args.checkpoint)
     model.eval()
+    if args.memories_per_chunk:
+        model.cfg.memories_per_chunk = args.memories_per_chunk
+    if args.memory_top_k:
+        model.cfg.memory_top_k = args.memory_top_k
     if not model.cfg.memory_layer_ids:
         sys.exit(f"{args.checkpoint}: the model has no memory layers (model.memory_layers)")
     tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)

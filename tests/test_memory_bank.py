@@ -582,7 +582,8 @@ def test_a_bank_fits_models_that_differ_only_in_what_shapes_no_memory(tmp_path):
     cfg = ModelConfig.from_name("tiny")
     bank = MemoryBank.create(tmp_path / "bank", cfg)
     bank.check_model_config(ModelConfig.from_name("tiny", max_seq_len=512, init_std=0.05,
-                                                  retrieval_query="document"))
+                                                  retrieval_query="document", chunk_len=32,
+                                                  memories_per_chunk=2))
     with pytest.raises(BankError, match="memory_top_k"):
         bank.check_model_config(ModelConfig.from_name("tiny", memory_top_k=4))
     bank.close()

@@ -66,8 +66,10 @@ class ReferenceRecord:
 
 # Fields that change no memory: the preset's name is a label, the init scale is gone once there
 # are weights, the longest sequence only sizes rotary tables (a warmup at 512 tokens and its
-# continual run at 256 read the same bank), and what a chunk queries with is the reader's choice.
-_NOT_IN_MEMORIES = ("name", "init_std", "max_seq_len", "retrieval_query")
+# continual run at 256 read the same bank), and how the context reads memories (its chunks, how
+# many memories each, what it queries with) is the reader's choice.
+_NOT_IN_MEMORIES = ("name", "init_std", "max_seq_len", "chunk_len", "memories_per_chunk",
+                    "retrieval_query")
 
 
 def _config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
