@@ -81,7 +81,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory3.config import Recipe  # noqa: E402
 from memory3.generate import generate, rag_references  # noqa: E402
 from memory3.model import Transformer  # noqa: E402
-from jobs import last_step  # noqa: E402
+from jobs import bank_complete, last_step  # noqa: E402
 from worlds import world_inputs  # noqa: E402
 
 SIDES = ("none", "memory", "rag", "rag_once", "memory_concat")
@@ -184,7 +184,7 @@ def setup(args) -> tuple[Path, Path, Path]:
         f"{'' if args.max_seq_len == 1024 else f'-{args.max_seq_len}'}"
     run, bank, heldout = root / "warm", root / bank_folder(args.embedder), \
         root / "world" / "heldout.txt"
-    if (bank / "manifest.json").exists():
+    if bank_complete(bank):  # an interrupted build resumes below
         return run, bank, heldout
     if not last_step(run):
         recipe = Recipe.from_name(f"{args.preset}-warmup").override([

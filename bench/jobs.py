@@ -30,9 +30,13 @@ def run_memory3(args: list[str], log: Path, threads: int, label: str = "") -> No
 
 
 def bank_complete(bank: Path) -> bool:
+    """Whether `bank` was built to the end: a build killed midway leaves a manifest whose build
+    is not complete (build-bank resumes it)."""
     manifest = bank / "manifest.json"
-    return manifest.exists() and all(b["complete"] for b in
-                                     json.loads(manifest.read_text())["builds"])
+    if not manifest.exists():
+        return False
+    builds = json.loads(manifest.read_text())["builds"]
+    return bool(builds) and all(b["complete"] for b in builds)
 
 
 def last_step(run: Path) -> int:

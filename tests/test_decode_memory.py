@@ -71,3 +71,20 @@ def test_bad_arguments_are_refused_with_a_message(bench, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         bench.parse_args(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_interrupted_bank_build_is_not_taken_for_a_bank(tmp_path):
+    """bench/jobs.bank_complete, which decode_memory, memory_real_text and compare_memories ask
+    before reusing a bank: a build killed midway (decode_memory once then read an empty bank)."""
+    import json
+
+    from conftest import bench_module
+    jobs = bench_module("jobs")
+    bank = tmp_path / "bank"
+    assert not jobs.bank_complete(bank)
+    bank.mkdir()
+    for builds, complete in (([], False), ([{"complete": False}], False),
+                             ([{"complete": True}, {"complete": False}], False),
+                             ([{"complete": True}], True)):
+        (bank / "manifest.json").write_text(json.dumps({"builds": builds}))
+        assert jobs.bank_complete(bank) is complete, builds
