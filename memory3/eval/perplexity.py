@@ -6,8 +6,8 @@ Modes (all score exactly the same target tokens of the same sequences):
            and memory differ only by the references read (reading.sink_only).
   memory   each chunk reads the memories of the references retrieved with the previous chunk's
            text, or the head of the document under way (model.retrieval_query; causal retrieval,
-           SPEC 1b); references overlapping the evaluated sequence by more
-           than 2/3 are skipped. The headline number.
+           SPEC 1b); references overlapping the evaluated sequence by more than 2/3 are skipped.
+           The headline number.
   rag      the same references as `memory` (same queries, same filter), given as plain text in
            front of the chunk's context instead of as memories: the two differ only in how the
            references are read. One forward per chunk, so it shows what text retrieval costs.
@@ -49,7 +49,7 @@ def text_sequences(paths: Sequence[str | Path], tokenizer: Tokenizer, seq_len: i
                         f"{seq_len})")
     stats = ReadStats()
     stream: list[int] = []
-    need = None if max_sequences is None else max_sequences * (seq_len + 1)  # enough either way
+    need = None if max_sequences is None else max_sequences * (seq_len + 1)  # >= any stride's
     for doc in iter_documents(paths, text_field=text_field, stats=stats, glob=glob):
         stream += [tokenizer.bos_id, *tokenizer.encode(doc.text), tokenizer.eos_id]
         if need is not None and len(stream) >= need:

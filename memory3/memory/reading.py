@@ -5,8 +5,8 @@ Causal retrieval (SPEC 1b): when text is being predicted, the memories of chunk 
 with the query that the text up to the end of chunk c-1 makes (chunk_queries: that chunk's text, or
 the head of the document under way), never with chunk c's (that would look at the answer); chunk 0
 reads none. `own_chunk=True` takes chunk c's own query: for a prompt (known text), or as a clearly
-labelled upper bound in evaluation. Retrieved references that copy the sequence
-being predicted (overlap.py) are skipped in favour of the next candidates.
+labelled upper bound in evaluation. Retrieved references that copy the sequence being predicted
+(overlap.py) are skipped in favour of the next candidates.
 """
 from __future__ import annotations
 
