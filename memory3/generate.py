@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from memory3.memory.encoder import MemoryEncoder
-from memory3.memory.reading import chunk_memories, chunk_queries, sink_only
+from memory3.memory.reading import (chunk_memories, chunk_queries, retrieve_queries,
+                                    sink_only)
 from memory3.model import Transformer
 from memory3.model.transformer import sample_next
 
@@ -99,8 +100,7 @@ def generate(model: Transformer, tokenizer, prompt: str, *, bank=None, mode: str
             known, own = ((tokens[:prompt_len], chunk) if chunk * L < prompt_len
                           else (tokens[:chunk * L], chunk - 1))
             query = chunk_queries(known, tokenizer, L, cfg.retrieval_query)[own]
-        rows = (bank.retrieve([query], M)[0][0] if query is not None
-                else np.full(M, -1, dtype=np.int64))
+        rows = retrieve_queries(bank, [query], M)[0]
         records = bank.references(rows[rows >= 0])
         result.retrievals.append(Retrieval(chunk, len(tokens), query or "", [
             {"row": r.row, "doc_id": r.doc_id, "start": r.start, "end": r.end, "text": r.text}

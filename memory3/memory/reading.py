@@ -53,6 +53,16 @@ def chunk_queries(tokens: Sequence[int], tokenizer, chunk_len: int, rule: str = 
     return queries
 
 
+def retrieve_queries(bank, queries: Sequence[str | None], k: int) -> np.ndarray:
+    """Rows (Q, k) the bank retrieves for each query, best first; all -1 for a None query
+    (chunk_queries: nothing known to retrieve with), which the bank is not asked."""
+    rows = np.full((len(queries), k), -1, dtype=np.int64)
+    asked = [i for i, q in enumerate(queries) if q is not None]
+    if asked:
+        rows[asked] = bank.retrieve([queries[i] for i in asked], k)[0]
+    return rows
+
+
 def filter_overlapping(bank, candidates: np.ndarray, sequence: Sequence[int], k: int,
                        threshold: float | None, exclude: set[int] = frozenset()) -> list[int]:
     """The first k candidate rows (best first) not in `exclude` whose reference does not overlap

@@ -27,7 +27,7 @@ from memory3.memory.build import check_bank_tokenizer
 from memory3.memory.encoder import EncodedMemories, MemoryEncoder
 from memory3.memory.overlap import EVAL_OVERLAP, exceeding
 from memory3.memory.reading import (chunk_queries, encode_distinct, read_distinct,
-                                    retrieve_for_chunks, sink_only)
+                                    retrieve_for_chunks, retrieve_queries, sink_only)
 from memory3.model import ModelOutput
 from memory3.train.phases import Batch, WarmupPhase
 
@@ -56,12 +56,8 @@ class ContinualPhase(WarmupPhase):
         C = -(-T // L)
         queries = [q for seq in sequences.tolist()
                    for q in chunk_queries(seq, self.tokenizer, L, cfg.retrieval_query)]
-        asked = [i for i, q in enumerate(queries) if q is not None]
-        candidates = np.full((B * C, n_new + c.extra_candidates), -1, dtype=np.int64)
-        if asked:
-            candidates[asked] = self.bank.retrieve([queries[i] for i in asked],
-                                                   n_new + c.extra_candidates)[0]
-        candidates = candidates.reshape(B, C, -1)
+        candidates = retrieve_queries(self.bank, queries,
+                                      n_new + c.extra_candidates).reshape(B, C, -1)
         # One read of the store for the whole batch: sequences often retrieve the same rows.
         everything = np.unique(candidates[candidates >= 0])
         records = self.bank.references(everything)
