@@ -158,6 +158,15 @@ def test_tokenizer_training_is_reproducible(tokenizer, corpus, tmp_path):
     assert again.sha256 == tokenizer.sha256
     vocab = (tmp_path / "tokenizer.vocab").read_text().splitlines()
     assert len(vocab) == 500 and vocab[4] == "<ref>\t0"
+    # Sampling lines too (more of them than max_sentences), in fresh processes: sentencepiece's
+    # own sampler ignored its seed and gave each process a different tokenizer.
+    train = ("import sys; from memory3.data import train_tokenizer; "
+             "print(train_tokenizer([sys.argv[1]], sys.argv[2], 500, max_sentences=150, "
+             "progress=False).sha256)")
+    runs = [subprocess.run([sys.executable, "-c", train, str(corpus), str(tmp_path / f"s{i}")],
+                           capture_output=True, text=True, check=True) for i in range(3)]
+    sampled = {run.stdout.split()[-1] for run in runs}  # after any note on skipped input
+    assert len(sampled) == 1 and tokenizer.sha256 not in sampled.pop()
 
 
 def test_tokenizer_rejects_other_models(tmp_path, corpus):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import random
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -38,20 +39,27 @@ MAX_SENTENCE_BYTES = 16384
 MAX_SENTENCE_CHARS = MAX_SENTENCE_BYTES // 4
 
 
-def _training_lines(documents: Iterable[Document], progress: bool,
-                    read_errors: list[DataError]) -> Iterator[str]:
+def _sample_lines(documents: Iterable[Document], max_sentences: int, seed: int,
+                  progress: bool) -> list[str]:
+    """A uniform sample of `max_sentences` of the documents' non-empty lines (all of them when
+    fewer; reservoir sampling, seeded). Drawn here, not by sentencepiece: its own sampling ignores
+    spm.set_random_generator_seed (it draws in another thread), so the same input gave a
+    different tokenizer, hence different shards, on every run."""
+    rng = random.Random(seed)
+    kept: list[str] = []
+    seen = 0
     with tqdm(desc="tokenizer input", unit=" lines", disable=not progress) as bar:
-        try:
-            for doc in documents:
-                for line in doc.text.splitlines():
-                    if line.strip():
-                        bar.update()
-                        yield line[:MAX_SENTENCE_CHARS]
-        except DataError as e:
-            # sentencepiece turns it into a RuntimeError with a traceback in its text; the caller
-            # raises this one instead.
-            read_errors.append(e)
-            raise
+        for doc in documents:
+            for line in doc.text.splitlines():
+                if not line.strip():
+                    continue
+                seen += 1
+                bar.update()
+                if len(kept) < max_sentences:
+                    kept.append(line[:MAX_SENTENCE_CHARS])
+                elif (j := rng.randrange(seen)) < max_sentences:
+                    kept[j] = line[:MAX_SENTENCE_CHARS]
+    return kept
 
 
 def train_tokenizer(inputs: Sequence[PathLike], out_dir: PathLike, vocab_size: int, *,
@@ -59,9 +67,9 @@ def train_tokenizer(inputs: Sequence[PathLike], out_dir: PathLike, vocab_size: i
                     glob: Glob = None, progress: bool = True) -> Tokenizer:
     """Train a BPE tokenizer on the documents of `inputs`; write out_dir/tokenizer.model (+ .vocab).
 
-    The whole input is read once, line by line; sentencepiece keeps a uniform sample of
-    `max_sentences` lines (seeded), so every file counts, not just the first. To train faster on a
-    huge corpus, pass a subset of its files. glob: file-name patterns selecting files, each read
+    The whole input is read once, line by line, keeping a uniform sample of `max_sentences` lines
+    (seeded: the same inputs give the same tokenizer), so every file counts, not just the first.
+    To train faster on a huge corpus, pass a subset of its files. glob: file-name patterns selecting files, each read
     whole as one document (memory3.data.text).
     """
     if vocab_size < MIN_VOCAB_SIZE:
@@ -76,30 +84,24 @@ def train_tokenizer(inputs: Sequence[PathLike], out_dir: PathLike, vocab_size: i
     patterns = globs(glob)
     documents = iter_documents(list_files(inputs, patterns), text_field, stats,  # raises early
                                patterns)
+    lines = _sample_lines(documents, max_sentences, seed, progress)
+    require_documents(stats, inputs)
     # The model comes back in memory: written via model_prefix it would record that (temporary)
     # path, and the same inputs would not give the same bytes, hence not the same sha256.
     model = io.BytesIO()
-    read_errors: list[DataError] = []
-    spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(documents, progress, read_errors),
-            model_writer=model,
+            sentence_iterator=iter(lines), model_writer=model,
             model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
             character_coverage=0.9995, normalization_rule_name="identity",
             remove_extra_whitespaces=False, add_dummy_prefix=False, pad_id=PAD_ID, unk_id=UNK_ID,
             bos_id=BOS_ID, eos_id=EOS_ID, control_symbols=[REF_BOS_PIECE],
-            input_sentence_size=max_sentences, shuffle_input_sentence=True,
             max_sentence_length=MAX_SENTENCE_BYTES, num_threads=2, minloglevel=2)
     except RuntimeError as e:
-        if read_errors:
-            raise read_errors[0] from None
-        require_documents(stats, inputs)
         # sentencepiece prefixes the useful sentence with its source location
         reason = re.sub(r"^.*\]\s*", "", str(e))
         raise DataError(f"training a tokenizer with vocab_size {vocab_size} on "
                         f"{stats.documents} documents failed: {reason}") from e
-    require_documents(stats, inputs)
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
     out_dir.mkdir(parents=True, exist_ok=True)
