@@ -432,7 +432,10 @@ def text_oracle(checkpoint: Path, data: Path, kb: Path, seq_len: int, n_docs: in
     alone, after the knowledge-base document on their subject (the other dictionary's entry for
     the word; of the module's docstrings, the one sharing most words with the document, unless it
     overlaps it beyond the evaluation's 2/3) as a preceding [BOS] ref [EOS] document, and after a
-    random knowledge-base document (the control: any preceding text helps a little)."""
+    random knowledge-base document (the control: any preceding text helps a little). Each split
+    too by where the predicted token sits: within the document's first chunk_len tokens
+    ("_head": causal retrieval has no text of the document to query with there) or after them
+    ("_rest": what memory retrieved by the document's head could at best give, read as text)."""
     import math
     import random
 
@@ -450,8 +453,10 @@ def text_oracle(checkpoint: Path, data: Path, kb: Path, seq_len: int, n_docs: in
     for d in knowledge:
         on.setdefault(d["head"], []).append(tok.encode(d["text"])[:ref_len - 1])
     rng = random.Random(0)
-    nll = {"alone": 0.0, "subject": 0.0, "random": 0.0}
-    tokens = docs = 0
+    L = recipe.model.chunk_len
+    names, parts = ("alone", "subject", "random"), ("", "_head", "_rest")
+    nll = {name + part: 0.0 for name in names for part in parts}
+    tokens = head = docs = 0
     for d in map(json.loads, data.read_text().splitlines()):
         doc = [tok.bos_id, *tok.encode(d["text"]), tok.eos_id][:seq_len - ref_len - 1]
         subject = on.get(d["head"], [])
@@ -465,14 +470,19 @@ def text_oracle(checkpoint: Path, data: Path, kb: Path, seq_len: int, n_docs: in
             x = torch.tensor([before + doc])
             with torch.no_grad():
                 logits = model(x[:, :-1]).logits[0, len(before):]
-            nll[name] += F.cross_entropy(logits.float(), x[0, len(before) + 1:],
-                                         reduction="sum").item()
+            losses = F.cross_entropy(logits.float(), x[0, len(before) + 1:], reduction="none")
+            nll[name] += losses.sum().item()
+            nll[f"{name}_head"] += losses[:L - 1].sum().item()  # doc[1 : L]
+            nll[f"{name}_rest"] += losses[L - 1:].sum().item()
         tokens += len(doc) - 1
+        head += min(len(doc), L) - 1
         docs += 1
         if docs == n_docs:
             break
-    return {"documents": docs, "tokens": tokens,
-            **{f"perplexity_{k}": math.exp(v / tokens) for k, v in nll.items()}}
+    count = dict(zip(parts, (tokens, head, tokens - head)))
+    return {"documents": docs, "tokens": tokens, "tokens_head": head,
+            **{f"perplexity_{name}{part}": math.exp(nll[name + part] / max(count[part], 1))
+               for name in names for part in parts}}
 
 
 # -- 10. copying ------------------------------------------------------------------------------

@@ -276,6 +276,12 @@ class TrainConfig:
     # "tensorboard" (event files in RUN/tensorboard) and "wandb" (offline unless WANDB_MODE says
     # otherwise; a resumed run continues the same W&B run).
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    # torch.compile of the model, in place through the DeepSpeed engine's compile hook (parameter
+    # names, hence checkpoints, stay those of the eager model); needs a C++ compiler on CPU. Warmup
+    # steps ran 1.4-1.6x faster on this CPU, continual ones no faster (reference encoding stays
+    # eager); it costs a compile (13-36 s) at the first step. Off by default so a machine without
+    # a compiler trains as is (bench/RESULTS.md, "Compiled training").
+    compile: bool = False
     # Peak FLOP/s of one device (e.g. 989e12 for an H100's dense bf16): train metrics then carry
     # mfu, model FLOPs utilisation. 0: not reported.
     peak_flops: float = 0.0

@@ -44,7 +44,13 @@ def test_own_corpus_from_a_warmup_run(tiny_data, tmp_path, monkeypatch):
     for mode in ("none", "memory", "rag"):
         assert math.isfinite(report["eval"]["continual"][mode]["perplexity"])
     assert report["retrieval"] == {}  # a user's corpus names no subjects to score it against
-    assert report["text_oracle"]["continual"]["documents"] > 0
+    oracle = report["text_oracle"]["continual"]
+    assert oracle["documents"] > 0 and 0 < oracle["tokens_head"] <= oracle["tokens"]
+    for name in ("alone", "subject", "random"):  # the split adds up to the whole
+        head, rest = oracle["tokens_head"], oracle["tokens"] - oracle["tokens_head"]
+        split = (head * math.log(oracle[f"perplexity_{name}_head"])
+                 + rest * math.log(oracle[f"perplexity_{name}_rest"]))
+        assert split == pytest.approx(oracle["tokens"] * math.log(oracle[f"perplexity_{name}"]))
     assert 0 < report["copying"]["warmup"]["ratio"] < 2
     through = report["copying"]["warmup"]["through_memory"]  # at the continual run's top_k
     assert through["sparse"]["top_k"] == 6 and through["dense"]["top_k"] == 127

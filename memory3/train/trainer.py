@@ -73,6 +73,8 @@ class Trainer:
             model=model, model_parameters=param_groups(model, recipe.optim.weight_decay),
             config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        if recipe.train.compile:
+            self.engine.compile()
         self.grad_accum = self.engine.gradient_accumulation_steps()
         self.tokens_per_step = recipe.tokens_per_step(self.world_size)
 
