@@ -1,4 +1,4 @@
-"""Compiled training (`train.compile = true`) against eager: `memory3 train`'s step, both in one run.
+"""Compiled training (`train.compile = true`) against eager, `memory3 train`'s step, in one run.
 
 Two Trainers from one recipe, the second with train.compile = true (torch.compile through the
 DeepSpeed engine's compile hook): the same seed, so the same initial weights and the same
@@ -10,7 +10,7 @@ same curve up to bf16 rounding means a drift of the order of the loss's step-to-
 which is printed beside it.
 
     python bench/compiled_training.py --data SHARDS --recipe cpu-warmup
-    python bench/compiled_training.py --data SHARDS --recipe small-warmup --set train.micro_batch_size=4
+    python bench/compiled_training.py --data SHARDS --recipe small-warmup --steps 30
 
 The vocabulary follows the shards' tokenizer (as `memory3 train` sizes it).
 """

@@ -14,7 +14,7 @@ import hashlib
 import io
 import random
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +42,8 @@ MAX_SENTENCE_CHARS = MAX_SENTENCE_BYTES // 4
 def _sample_lines(documents: Iterable[Document], max_sentences: int, seed: int,
                   progress: bool) -> list[str]:
     """A uniform sample of `max_sentences` of the documents' non-empty lines (all of them when
-    fewer; reservoir sampling, seeded). Drawn here, not by sentencepiece: its own sampling ignores
-    spm.set_random_generator_seed (it draws in another thread), so the same input gave a
+    fewer; reservoir sampling, seeded). Drawn here, not by sentencepiece: its own sampling does not
+    follow spm.set_random_generator_seed from one process to the next, so the same input gave a
     different tokenizer, hence different shards, on every run."""
     rng = random.Random(seed)
     kept: list[str] = []
@@ -69,8 +69,8 @@ def train_tokenizer(inputs: Sequence[PathLike], out_dir: PathLike, vocab_size: i
 
     The whole input is read once, line by line, keeping a uniform sample of `max_sentences` lines
     (seeded: the same inputs give the same tokenizer), so every file counts, not just the first.
-    To train faster on a huge corpus, pass a subset of its files. glob: file-name patterns selecting files, each read
-    whole as one document (memory3.data.text).
+    To train faster on a huge corpus, pass a subset of its files. glob: file-name patterns
+    selecting files, each read whole as one document (memory3.data.text).
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise DataError(f"vocab_size {vocab_size} is too small: byte fallback needs 256 byte "
