@@ -708,7 +708,11 @@ def main(argv=None):
     for name, o in oracle.items():
         print(f"text oracle ({name}, {o['documents']} documents): perplexity alone "
               f"{o['perplexity_alone']:.2f}, after the knowledge on their subject "
-              f"{o['perplexity_subject']:.2f}, after random knowledge {o['perplexity_random']:.2f}")
+              f"{o['perplexity_subject']:.2f}, after random knowledge "
+              f"{o['perplexity_random']:.2f}; "
+              f"on the tokens after each document's first chunk (what causal retrieval can serve) "
+              f"{o['perplexity_alone_rest']:.2f} / {o['perplexity_subject_rest']:.2f} / "
+              f"{o['perplexity_random_rest']:.2f}")
     for name, c in copying.items():
         print(f"copy probe ({name}, {c['spans']} held-out spans of {c['length']} tokens): loss "
               f"on the first / second copy {c['first_copy_loss']:.2f} / "
