@@ -166,7 +166,7 @@ def test_tokenizer_training_is_reproducible(tokenizer, corpus, tmp_path):
     runs = [subprocess.run([sys.executable, "-c", train, str(corpus), str(tmp_path / f"s{i}")],
                            capture_output=True, text=True, check=True) for i in range(3)]
     sampled = {run.stdout.split()[-1] for run in runs}  # after any note on skipped input
-    assert len(sampled) == 1 and tokenizer.sha256 not in sampled.pop()
+    assert len(sampled) == 1 and sampled.pop() != tokenizer.sha256
 
 
 def test_tokenizer_rejects_other_models(tmp_path, corpus):
