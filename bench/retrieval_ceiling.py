@@ -70,7 +70,11 @@ def parse_args(argv=None):
                    help="memories each chunk reads (default: the checkpoint's model config)")
     p.add_argument("--memory-top-k", type=int,
                    help="tokens a memory keeps per layer and head, as the bank was built with "
-                        "(build-bank --memory-top-k; default: the checkpoint's)")
+                        "(build-bank --memory-top-k), or as --encode-now encodes them "
+                        "(default: the checkpoint's)")
+    p.add_argument("--chunk-len", type=int,
+                   help="retrieve and read memories every this many tokens instead of the "
+                        "checkpoint's chunk_len (a finer retrieval stride, read by the same weights)")
     p.add_argument("--encode-now", action="store_true",
                    help="encode references with the checkpoint (a bank filled by other weights)")
     p.add_argument("--threads", type=int, default=2)
@@ -216,6 +220,7 @@ def main(argv=None) -> dict:
     model.eval()
     if args.memories_per_chunk:
         model.cfg.memories_per_chunk = args.memories_per_chunk
+    top_k = model.cfg.memory_top_k
     if args.memory_top_k:
         model.cfg.memory_top_k = args.memory_top_k
     if not model.cfg.memory_layer_ids:
@@ -224,7 +229,14 @@ def main(argv=None) -> dict:
     seq_len = args.seq_len or recipe.data.seq_len
     sequences = text_sequences([args.data], tokenizer, seq_len, max_sequences=args.sequences)
     with MemoryBank.open(args.bank, verify="size") as bank:
-        bank.check_model_config(model.cfg)
+        if args.encode_now:  # the bank's memories are not read: it must fit the checkpoint
+            model.cfg.memory_top_k, wanted = top_k, model.cfg.memory_top_k
+            bank.check_model_config(model.cfg)
+            model.cfg.memory_top_k = wanted
+        else:
+            bank.check_model_config(model.cfg)
+        if args.chunk_len:
+            model.cfg.chunk_len = args.chunk_len
         report = measure(model, tokenizer, bank, sequences, args.rules,
                          reads_sink=trained_with_memory(recipe), batch_size=args.batch_size,
                          encode_now=args.encode_now)
