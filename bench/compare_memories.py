@@ -94,6 +94,9 @@ def parse_args(argv=None):
     p.add_argument("--continual-steps", type=int, help="default: the recipe's train.max_steps")
     p.add_argument("--continual-set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
                    help="further overrides of the continual recipe")
+    p.add_argument("--continual-run",
+                   help="a finished continual run (from --base, in its tokenizer) to evaluate "
+                        "instead of training one here: the bank it reads is built by it")
     p.add_argument("--memory-layers",
                    help="the layers the continual run reads memory in, when not the base's "
                         "(e.g. `all` for cpu-continual on a cpu-warmup base); its training "
@@ -133,6 +136,17 @@ def parse_args(argv=None):
                         ("--seq-len", args.seq_len), ("--threads", args.threads)):
         if value is not None and value <= 0:
             p.error(f"{flag} must be a positive integer, got {value}")
+    if args.continual_run:
+        given = [f for f, v in (("--continual-steps", args.continual_steps),
+                                ("--continual-set", args.continual_set),
+                                ("--memory-layers", args.memory_layers),
+                                ("--memory-top-k", args.memory_top_k)) if v]
+        if not args.base or given:
+            p.error("--continual-run evaluates a run trained elsewhere: it needs the --base it "
+                    "started from" + (f", and {', '.join(given)} would change nothing"
+                                      if given else ""))
+        if not Path(args.continual_run).exists():
+            p.error(f"--continual-run {args.continual_run}: no such run")
     if args.base and not Path(args.base).exists():
         p.error(f"--base {args.base}: no such run (expected a folder of `memory3 train`)")
     return args
@@ -284,12 +298,17 @@ def main(argv=None) -> dict:
                                  *knowledge, *glob, "--out", str(bank_rag), *embedder,
                                  "--no-progress"], bank_complete(bank_rag))
     rag_bank_stage = "bank (rag)" if read_flags else "bank (base weights)"
-    continual = out / "continual"
-    cmd, end = train_args(args.continual_recipe, continual, args.continual_steps,
-                          [f"data.path={shards}", f"continual.bank={bank_base}",
-                           f"train.init_from={base}", *(f"model.{k}={v}" for k, v in reads.items()),
-                           *args.continual_set])
-    run.stage("continual", cmd, last_step(continual) >= end)
+    if args.continual_run:
+        continual = Path(args.continual_run).resolve()
+        if load_tokenizer(continual).sha256 != load_tokenizer(base).sha256:
+            sys.exit(f"--continual-run {continual} reads another tokenizer than --base {base}")
+    else:
+        continual = out / "continual"
+        cmd, end = train_args(args.continual_recipe, continual, args.continual_steps,
+                              [f"data.path={shards}", f"continual.bank={bank_base}",
+                               f"train.init_from={base}",
+                               *(f"model.{k}={v}" for k, v in reads.items()), *args.continual_set])
+        run.stage("continual", cmd, last_step(continual) >= end)
     bank_continual = out / "bank-continual"
     run.stage("bank (continual weights)", ["build-bank", "--checkpoint", str(continual),
                                            "--knowledge", *knowledge, *glob, "--out",
@@ -353,7 +372,7 @@ def main(argv=None) -> dict:
                    "bank (continual weights)", "eval continual"),
         "knn-lm": (*building_base, "shards", "heldout shards", "datastore", "eval memdec"),
         "memdec": (*building_base, "shards", "heldout shards", "datastore", "targets", "decoder",
-                   "eval memdec")})
+                   "eval memdec")}, model_config(continual).retrieval_query)
     path = out / "compare.json"
     if path.exists():  # a re-run skips finished stages: keep the times they took then
         report["stage_seconds"] = {**json.loads(path.read_text())["stage_seconds"],
@@ -370,7 +389,8 @@ def main(argv=None) -> dict:
 
 
 def build_report(args, run: Pipeline, fair: dict, seq_len: int, evals: dict[str, Path],
-                 footprints: dict[str, tuple[int, str]], needs: dict[str, tuple]) -> dict:
+                 footprints: dict[str, tuple[int, str]], needs: dict[str, tuple],
+                 query: str) -> dict:
     e_base, e_cont = (json.loads(evals[n].read_text()) for n in ("base", "continual"))
     memdec = {r["mode"]: r for r in json.loads(evals["memdec"].read_text())}
     measured = {"base": e_base["none"], "rag": e_base["rag"], "continual alone": e_cont["none"],
@@ -392,7 +412,7 @@ def build_report(args, run: Pipeline, fair: dict, seq_len: int, evals: dict[str,
         size, what = footprints.get(name, (0, "none beyond the base's weights" if name == "base"
                                            else "its weights replace the base's (same shape)"))
         rows.append({"row": name, **measured[name], "footprint_bytes": size, "footprint": what,
-                     "context": context(name, seq_len),
+                     "context": context(name, seq_len, query),
                      "commands": [c for s, c in run.commands.items() if s in needs[name]]})
     # The base scored by both commands: the same rows must give the same loss.
     base_gap = abs(memdec["base"]["nll_per_token"] - e_base["none"]["loss"])
@@ -408,13 +428,15 @@ def build_report(args, run: Pipeline, fair: dict, seq_len: int, evals: dict[str,
             "commands": run.commands, "ran": run.ran, "stage_seconds": run.seconds}
 
 
-def context(row: str, seq_len: int) -> str:
+def context(row: str, seq_len: int, query: str = "chunk") -> str:
     rows = (f"its row only: token i of a row of {seq_len} targets is predicted from the i tokens "
             f"before it in that row (the held-out [BOS] doc [EOS] stream cut into rows of "
             f"{seq_len + 1}; no context crosses rows)")
-    chunks = ("per 64-token chunk (the model's chunk_len), the references retrieved with the "
-              "chunk before it (causal; the first chunk of a row reads none; references "
-              "overlapping the row by more than 2/3 skipped)")
+    chunks = ("per 64-token chunk (the model's chunk_len), the references retrieved with "
+              + ("the head of the document under way" if query == "document" else
+                 "the chunk before it")
+              + " (causal; the first chunk of a row reads none; references overlapping the row "
+                "by more than 2/3 skipped)")
     return {
         "base": rows,
         "rag": f"{chunks}, as [BOS] ref [EOS] text in front of the chunk, then the row before "
@@ -455,6 +477,9 @@ def format_report(report: dict) -> str:
                   f"{c['base_loss_memdec_eval']:.6f}.", "", "Commands:"]
     if report["args"]["base"]:
         lines.append(f"  0. the base: the warmup run given as --base {report['args']['base']}")
+    if report["args"]["continual_run"]:
+        lines.append(f"  0. the continual run given as --continual-run "
+                     f"{report['args']['continual_run']}")
     number = {cmd: i + 1 for i, cmd in enumerate(report["commands"].values())}
     lines += [f"  {i}. {cmd}" for cmd, i in number.items()]
     lines += [f"  {r['row']}: " + " ".join(str(number[c]) for c in r["commands"])

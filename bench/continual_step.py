@@ -169,7 +169,7 @@ def main(argv=None):
     cfg, c = recipe.model, recipe.continual
     stats = MemoryBank.open(bank_dir, verify="size").stats()
     print(f"# continual_step: preset={cfg.name} ({cfg.n_params / 1e6:.1f}M params) "
-          f"batch={args.batch} seq_len={args.seq_len} dtype={args.dtype} zero={args.zero} "
+          f"batch={args.batch} seq_len={recipe.data.seq_len} dtype={args.dtype} zero={args.zero} "
           f"threads={torch.get_num_threads()} steps={args.steps} warmup={args.warmup}")
     print(f"# memory layers {cfg.memory_layer_ids}, chunk {cfg.chunk_len}, "
           f"{c.new_per_chunk} new x {c.previous_chunks} previous chunks, bank {stats['rows']} "
@@ -189,7 +189,7 @@ def main(argv=None):
     M = cfg.memories_per_chunk
     print(f"memories read per chunk (chunks >= 1): mean {used:.2f} of {M}, {full:.0%} of chunks "
           f"read all {M}; distinct references per batch: {distinct:.1f} of "
-          f"{args.batch * (-(-args.seq_len // cfg.chunk_len) - 1) * M} reads")
+          f"{args.batch * (-(-recipe.data.seq_len // cfg.chunk_len) - 1) * M} reads")
     paired = statistics.median(cs / w for w, cs in zip(times["warmup"], times["continual"]))
     print(f"ratio continual/warmup: {med['continual'] / med['warmup']:.3f}x "
           f"(median of per-pair ratios: {paired:.3f}x; of minima: "

@@ -435,28 +435,52 @@ def text_oracle(checkpoint: Path, data: Path, kb: Path, seq_len: int, n_docs: in
     random knowledge-base document (the control: any preceding text helps a little). Each split
     too by where the predicted token sits: within the document's first chunk_len tokens
     ("_head": causal retrieval has no text of the document to query with there) or after them
-    ("_rest": what memory retrieved by the document's head could at best give, read as text)."""
+    ("_rest": what memory retrieved by the document's head could at best give, read as text).
+
+    For a model trained with memory (which then reads its sink in every forward, as `memory3
+    eval` scores it) the same reference also as the memory every chunk reads, encoded now:
+    "memory" (the model's memory_top_k), "memory_dense" (every token kept: reading as such, no
+    selection) and "memory_causal" (from the document's second chunk on: a perfect causal chunk
+    retriever). memory vs subject separates reading from retrieval; memory_causal vs memory is
+    what chunk-level causality costs."""
     import math
     import random
 
     import torch
     import torch.nn.functional as F
 
+    from memory3.eval.copying import own_memories
+    from memory3.eval.perplexity import trained_with_memory
+    from memory3.memory.encoder import MemoryEncoder
     from memory3.memory.overlap import EVAL_OVERLAP, exceeding
+    from memory3.memory.reading import sink_only
     from memory3.train.checkpoint import load_model, load_tokenizer
     model, recipe, _ = load_model(checkpoint)
     model.eval()
     tok = load_tokenizer(checkpoint, TOKENIZER)
     ref_len = recipe.model.reference_len
+    reads = trained_with_memory(recipe)
+    encoders = {"memory": MemoryEncoder(model),
+                "memory_dense": MemoryEncoder(model, top_k=ref_len - 1),
+                "memory_causal": MemoryEncoder(model)} if reads else {}
+    sink = MemoryEncoder(model).sink_kv() if reads else None
     knowledge = [json.loads(line) for line in kb.read_text().splitlines()]
     on: dict[str, list[list[int]]] = {}
     for d in knowledge:
         on.setdefault(d["head"], []).append(tok.encode(d["text"])[:ref_len - 1])
     rng = random.Random(0)
     L = recipe.model.chunk_len
-    names, parts = ("alone", "subject", "random"), ("", "_head", "_rest")
+    names, parts = ("alone", "subject", "random", *encoders), ("", "_head", "_rest")
     nll = {name + part: 0.0 for name in names for part in parts}
     tokens = head = docs = 0
+
+    @torch.no_grad()
+    def losses(x: torch.Tensor, skip: int, memory=None) -> torch.Tensor:
+        if memory is None and sink is not None:
+            memory = sink_only(sink, x[:, :-1], model.cfg)
+        logits = model(x[:, :-1], memory=memory).logits[0, skip:]
+        return F.cross_entropy(logits.float(), x[0, skip + 1:], reduction="none")
+
     for d in map(json.loads, data.read_text().splitlines()):
         doc = [tok.bos_id, *tok.encode(d["text"]), tok.eos_id][:seq_len - ref_len - 1]
         subject = on.get(d["head"], [])
@@ -464,16 +488,20 @@ def text_oracle(checkpoint: Path, data: Path, kb: Path, seq_len: int, n_docs: in
         if not fair:
             continue
         best = max(fair, key=lambda r: len(set(r) & set(doc)))
+        x = torch.tensor([doc])
+        per_token = {}
         for name, ref in (("alone", None), ("subject", best),
                           ("random", tok.encode(rng.choice(knowledge)["text"])[:ref_len - 1])):
             before = [] if ref is None else [tok.bos_id, *ref, tok.eos_id]
-            x = torch.tensor([before + doc])
-            with torch.no_grad():
-                logits = model(x[:, :-1]).logits[0, len(before):]
-            losses = F.cross_entropy(logits.float(), x[0, len(before) + 1:], reduction="none")
-            nll[name] += losses.sum().item()
-            nll[f"{name}_head"] += losses[:L - 1].sum().item()  # doc[1 : L]
-            nll[f"{name}_rest"] += losses[L - 1:].sum().item()
+            per_token[name] = losses(torch.tensor([before + doc]), len(before))
+        for name, encoder in encoders.items():
+            memory = own_memories(encoder, [best], -(-(len(doc) - 1) // L), sink,
+                                  first_chunk=int(name == "memory_causal"))
+            per_token[name] = losses(x, 0, memory)
+        for name, loss in per_token.items():
+            nll[name] += loss.sum().item()
+            nll[f"{name}_head"] += loss[:L - 1].sum().item()  # doc[1 : L]
+            nll[f"{name}_rest"] += loss[L - 1:].sum().item()
         tokens += len(doc) - 1
         head += min(len(doc), L) - 1
         docs += 1
@@ -713,6 +741,11 @@ def main(argv=None):
               f"on the tokens after each document's first chunk (what causal retrieval can serve) "
               f"{o['perplexity_alone_rest']:.2f} / {o['perplexity_subject_rest']:.2f} / "
               f"{o['perplexity_random_rest']:.2f}")
+        if "perplexity_memory" in o:
+            print("  the subject's reference as the memory every chunk reads, all / head / rest: "
+                  + "; ".join(f"{k} " + " / ".join(f"{o[f'perplexity_{k}{part}']:.2f}"
+                                                    for part in ("", "_head", "_rest"))
+                              for k in ("memory", "memory_dense", "memory_causal")))
     for name, c in copying.items():
         print(f"copy probe ({name}, {c['spans']} held-out spans of {c['length']} tokens): loss "
               f"on the first / second copy {c['first_copy_loss']:.2f} / "

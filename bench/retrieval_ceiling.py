@@ -74,7 +74,7 @@ def parse_args(argv=None):
                         "(default: the checkpoint's)")
     p.add_argument("--chunk-len", type=int,
                    help="retrieve and read memories every this many tokens instead of the "
-                        "checkpoint's chunk_len (a finer retrieval stride, read by the same weights)")
+                        "checkpoint's chunk_len (a finer retrieval stride, the same weights)")
     p.add_argument("--encode-now", action="store_true",
                    help="encode references with the checkpoint (a bank filled by other weights)")
     p.add_argument("--threads", type=int, default=2)

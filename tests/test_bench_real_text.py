@@ -46,11 +46,17 @@ def test_own_corpus_from_a_warmup_run(tiny_data, tmp_path, monkeypatch):
     assert report["retrieval"] == {}  # a user's corpus names no subjects to score it against
     oracle = report["text_oracle"]["continual"]
     assert oracle["documents"] > 0 and 0 < oracle["tokens_head"] <= oracle["tokens"]
-    for name in ("alone", "subject", "random"):  # the split adds up to the whole
+    for name in ("alone", "subject", "random", "memory", "memory_dense", "memory_causal"):
+        # the split adds up to the whole
         head, rest = oracle["tokens_head"], oracle["tokens"] - oracle["tokens_head"]
         split = (head * math.log(oracle[f"perplexity_{name}_head"])
                  + rest * math.log(oracle[f"perplexity_{name}_rest"]))
         assert split == pytest.approx(oracle["tokens"] * math.log(oracle[f"perplexity_{name}"]))
+    # A perfect causal chunk retriever gives the document's first chunk nothing but the sink:
+    # scored as `eval --modes none` scores it (sink alone), not as a model without memory.
+    assert oracle["perplexity_memory_causal_head"] == pytest.approx(
+        oracle["perplexity_alone_head"], rel=1e-4)
+    assert "perplexity_memory" not in report["text_oracle"]["warmup"]  # it reads no memory
     assert 0 < report["copying"]["warmup"]["ratio"] < 2
     through = report["copying"]["warmup"]["through_memory"]  # at the continual run's top_k
     assert through["sparse"]["top_k"] == 6 and through["dense"]["top_k"] == 127

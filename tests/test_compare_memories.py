@@ -77,6 +77,18 @@ def test_every_memory_on_the_same_tokens(tiny_data, tmp_path, monkeypatch, capsy
     assert set(stored["stage_seconds"]) == set(report["commands"])  # earlier times kept
     assert compare_memories.main(argv)["ran"] == []
 
+    # A continual run trained elsewhere: evaluated, not trained; the same weights and bank
+    # recipe give the same memory row.
+    inputs = argv[2:argv.index("--continual-recipe")]  # the texts and the base
+    elsewhere = ["--out", str(tmp_path / "compare-given"), *inputs,
+                 "--continual-run", str(out / "continual"), *argv[argv.index("--memdec-recipe"):]]
+    given = compare_memories.main(elsewhere)
+    assert "continual" not in given["ran"] and "continual" not in given["commands"]
+    given_rows = {r["row"]: r for r in given["rows"]}
+    for name in ("continual alone", "memory"):
+        assert given_rows[name]["loss"] == pytest.approx(rows[name]["loss"], rel=1e-6), name
+    assert f"--continual-run {out / 'continual'}" in capsys.readouterr().out
+
 
 def test_missing_inputs_are_named(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(BENCH))
@@ -92,3 +104,10 @@ def test_missing_inputs_are_named(tmp_path, monkeypatch, capsys):
                                "kb.jsonl", "--heldout", "h.txt", "--base", str(tmp_path / "no")])
     err = capsys.readouterr().err
     assert "--base" in err and "no such run" in err
+    inputs = ["--out", str(tmp_path), "--train-text", "a.txt", "--knowledge", "kb.jsonl",
+              "--heldout", "h.txt", "--continual-run", str(tmp_path)]
+    for extra in ([], ["--base", str(tmp_path), "--continual-steps", "5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            compare_memories.main(inputs + extra)
+        assert exit_info.value.code == 2
+        assert "--continual-run evaluates a run trained elsewhere" in capsys.readouterr().err
