@@ -359,6 +359,9 @@ def main(argv=None) -> dict:
               evals["memdec"].exists(),
               after=(*building_base, "heldout shards", "datastore", "decoder"))
 
+    # What the continual run needed, unless it was given (then --continual-run names it).
+    training = () if args.continual_run else (*building_base, "shards", "bank (base weights)",
+                                              "continual")
     report = build_report(args, run, fair, seq_len, evals, {
         "rag": (bank_text_bytes(bank_rag), f"{bank_rag.name}: references, embeddings, index"),
         "memory": (folder_bytes(bank_continual), f"{bank_continual.name}: the whole bank"),
@@ -366,10 +369,8 @@ def main(argv=None) -> dict:
         "memdec": (weights_bytes(decoder), f"{decoder.name}: newest checkpoint's weights"),
     }, {"base": (*building_base, "eval base"),
         "rag": (*building_base, rag_bank_stage, "eval base"),
-        "continual alone": (*building_base, "shards", "bank (base weights)", "continual",
-                            "bank (continual weights)", "eval continual"),
-        "memory": (*building_base, "shards", "bank (base weights)", "continual",
-                   "bank (continual weights)", "eval continual"),
+        "continual alone": (*training, "bank (continual weights)", "eval continual"),
+        "memory": (*training, "bank (continual weights)", "eval continual"),
         "knn-lm": (*building_base, "shards", "heldout shards", "datastore", "eval memdec"),
         "memdec": (*building_base, "shards", "heldout shards", "datastore", "targets", "decoder",
                    "eval memdec")}, model_config(continual).retrieval_query)

@@ -60,6 +60,7 @@ from memory3.model.memory_attention import (ChunkMemories, LayerMemory, compact_
 # (preset, batch, seq_len, overrides of the preset's memory fields)
 SHAPES = {
     "small": ("small", 4, 512, {}),
+    "small-2048": ("small", 4, 2048, {"max_seq_len": 2048}),  # the reference's length
     "cpu": ("cpu", 4, 256, {"memory_top_k": 32}),
     "tiny": ("tiny", 2, 24, {"chunk_len": 8, "memories_per_chunk": 2, "memory_top_k": 3}),
 }

@@ -88,6 +88,8 @@ def test_every_memory_on_the_same_tokens(tiny_data, tmp_path, monkeypatch, capsy
     for name in ("continual alone", "memory"):
         assert given_rows[name]["loss"] == pytest.approx(rows[name]["loss"], rel=1e-6), name
     assert f"--continual-run {out / 'continual'}" in capsys.readouterr().out
+    needs = given_rows["memory"]["commands"]
+    assert [c.split()[1] for c in needs] == ["build-bank", "eval"]  # not the base's bank
 
 
 def test_missing_inputs_are_named(tmp_path, monkeypatch, capsys):
