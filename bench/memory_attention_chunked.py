@@ -8,6 +8,10 @@ all T context keys under one mask; `memory_attention_chunked` gives each chunk's
 their block and the context up to the chunk's end. Same inputs as bench/flex_attention.py (random
 memories laid out as the model's, gradients to q, k, v, none to the memories), repetitions
 interleaved, medians in ms, and the max abs difference of the output and gradients between the two.
+
+Not adopted in the model (bench/RESULTS.md, continual_step at the reference's length): on this CPU
+it wins in fp32 but barely in bf16, the training precision, and loses in sink-only layers. Kept,
+tested against the model's path (tests/test_memory_attention_chunked.py), to time on a GPU.
 """
 from __future__ import annotations
 
@@ -19,14 +23,46 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flex_attention import (DTYPES, SHAPES, fwd_bwd, make_inputs, max_diffs,  # noqa: E402
                             model_config)
-from memory3.model.memory_attention import (memory_attention_chunked,  # noqa: E402
+from memory3.model.memory_attention import (LayerMemory, check_covers,  # noqa: E402
                                             memory_attention_torch)
+
+
+def memory_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             mem: LayerMemory) -> torch.Tensor:
+    """memory_attention_torch's result, one SDPA call per chunk: the queries of chunk c over
+    [block c; context keys up to the chunk's end]. The single masked call scores every query
+    against every chunk's block and every context key, future ones included; this scores only
+    what each query may read (about half the context and 1/C of the memory slots) at the price
+    of C calls and of copying each chunk's keys next to its block."""
+    B, G, C, Sm, D = mem.k.shape
+    T = q.shape[2]
+    L, start = mem.chunk_len, mem.q_start
+    check_covers(start // L - mem.first_chunk, (start + T - 1) // L - mem.first_chunk,
+                 mem.first_chunk, C)
+    gqa = q.shape[1] != G
+    outs = []
+    lo = start
+    while lo < start + T:
+        hi = min((lo // L + 1) * L, start + T)                      # this chunk's queries: lo..hi-1
+        c = lo // L - mem.first_chunk
+        keys = torch.cat([mem.k[:, :, c], k[:, :, :hi]], dim=2)
+        values = torch.cat([mem.v[:, :, c], v[:, :, :hi]], dim=2)
+        q_pos = torch.arange(lo, hi, device=q.device)
+        causal = q_pos[:, None] >= torch.arange(hi, device=q.device)[None, :]
+        mask = torch.cat([mem.valid[:, c, None, :].expand(B, hi - lo, Sm),
+                          causal[None].expand(B, hi - lo, hi)], dim=-1)[:, None]
+        outs.append(F.scaled_dot_product_attention(q[:, :, lo - start:hi - start], keys, values,
+                                                   attn_mask=mask, enable_gqa=gqa))
+        lo = hi
+    return torch.cat(outs, dim=2)
+
 
 PATHS = {"masked": memory_attention_torch, "chunked": memory_attention_chunked}
 

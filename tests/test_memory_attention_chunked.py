@@ -1,12 +1,12 @@
-"""memory_attention_chunked (one SDPA call per chunk) computes what memory_attention_torch (one
-masked call) computes, output and gradients, with invalid slots, sink-only chunks, grouped heads
-and queries that start mid-chunk (CPU, ~1 s)."""
+"""bench/memory_attention_chunked.py: its per-chunk formulation (one SDPA call per chunk) computes
+what memory_attention_torch (one masked call) computes, output and gradients, with invalid slots,
+sink-only chunks, grouped heads and queries that start mid-chunk (CPU, ~1 s)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from memory3.model.memory_attention import memory_attention_chunked, memory_attention_torch
+from memory3.model.memory_attention import memory_attention_torch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -17,9 +17,15 @@ def bench():
     return bench_module("flex_attention")
 
 
+@pytest.fixture(scope="module")
+def memory_attention_chunked():
+    from conftest import bench_module
+    return bench_module("memory_attention_chunked").memory_attention_chunked
+
+
 @pytest.mark.parametrize("layer", ["memory", "sink"])
 @pytest.mark.parametrize("q_start", [0, 5, 8])
-def test_chunked_matches_masked(bench, layer, q_start):
+def test_chunked_matches_masked(bench, memory_attention_chunked, layer, q_start):
     cfg, B, T = bench.model_config("tiny")                           # chunk 8, 3 chunks
     q, k, v, mem = bench.make_inputs(cfg, B, T, layer, torch.float32)
     assert q.shape[1] != k.shape[1]                                  # grouped query heads
@@ -31,7 +37,7 @@ def test_chunked_matches_masked(bench, layer, q_start):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_chunked_rejects_queries_outside_the_memories(bench):
+def test_chunked_rejects_queries_outside_the_memories(bench, memory_attention_chunked):
     cfg, B, T = bench.model_config("tiny")
     q, k, v, mem = bench.make_inputs(cfg, B, T, "memory", torch.float32)
     with pytest.raises(ValueError, match="memories cover chunks 1..3"):

@@ -171,34 +171,3 @@ def memory_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     values = torch.cat([mem.v.flatten(2, 3), v], dim=2)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                           enable_gqa=q.shape[1] != G)
-
-
-def memory_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             mem: LayerMemory) -> torch.Tensor:
-    """memory_attention_torch's result, one SDPA call per chunk: the queries of chunk c over
-    [block c; context keys up to the chunk's end]. The single masked call scores every query
-    against every chunk's block and every context key, future ones included; this scores only
-    what each query may read, about half the context and 1/C of the memory slots, which pays
-    when there are many chunks (long sequences), at the price of C calls and of copying each
-    chunk's keys next to its block."""
-    B, G, C, Sm, D = mem.k.shape
-    T = q.shape[2]
-    L, start = mem.chunk_len, mem.q_start
-    check_covers(start // L - mem.first_chunk, (start + T - 1) // L - mem.first_chunk,
-                 mem.first_chunk, C)
-    gqa = q.shape[1] != G
-    outs = []
-    lo = start
-    while lo < start + T:
-        hi = min((lo // L + 1) * L, start + T)                      # this chunk's queries: lo..hi-1
-        c = lo // L - mem.first_chunk
-        keys = torch.cat([mem.k[:, :, c], k[:, :, :hi]], dim=2)
-        values = torch.cat([mem.v[:, :, c], v[:, :, :hi]], dim=2)
-        q_pos = torch.arange(lo, hi, device=q.device)
-        causal = q_pos[:, None] >= torch.arange(hi, device=q.device)[None, :]
-        mask = torch.cat([mem.valid[:, c, None, :].expand(B, hi - lo, Sm),
-                          causal[None].expand(B, hi - lo, hi)], dim=-1)[:, None]
-        outs.append(F.scaled_dot_product_attention(q[:, :, lo - start:hi - start], keys, values,
-                                                   attn_mask=mask, enable_gqa=gqa))
-        lo = hi
-    return torch.cat(outs, dim=2)
