@@ -5,9 +5,10 @@
 
 `memory_attention_torch` (the reference path) scores every query against all C chunk blocks and
 all T context keys under one mask; `memory_attention_chunked` gives each group of --groups
-chunks only their blocks and the context up to the group's end. Same inputs as bench/flex_attention.py (random
-memories laid out as the model's, gradients to q, k, v, none to the memories), repetitions
-interleaved, medians in ms, and the max abs difference of the output and gradients between the two.
+chunks only their blocks and the context up to the group's end. Same inputs as
+bench/flex_attention.py (random memories laid out as the model's, gradients to q, k, v, none to
+the memories), repetitions in rotating order, medians in ms, and the max abs difference of the
+output and gradients of each chunked path against the single call.
 
 The model's training path since 2026-12-04 (4 chunks a call; bench/RESULTS.md, continual_step at
 the reference's length): --groups 1,4 shows why 4, not 1.

@@ -1,7 +1,7 @@
 """memory_attention_chunked (the training path: one SDPA call per few chunks) computes what
-memory_attention_torch (the reference: one masked call for all chunks) computes, output and gradients, with invalid slots,
-sink-only chunks, grouped heads, queries that start mid-chunk and any number of chunks per call
-(CPU, ~2 s)."""
+memory_attention_torch (the reference: one masked call for all chunks) computes, output and
+gradients, with invalid slots, sink-only chunks, grouped heads, queries that start mid-chunk and
+any number of chunks per call (CPU, ~2 s)."""
 from __future__ import annotations
 
 import pytest
@@ -33,11 +33,19 @@ def test_chunked_matches_masked(bench, layer, q_start, group):
                         q, k, v, grad_out)
     for name, a, b in zip(["out", "dq", "dk", "dv"], want, got):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
-    if group == 1:  # what the model runs on CPU (4 chunks a call; the tiny shape has 3)
-        model_path = bench.fwd_bwd(lambda q, k, v: memory_attention(q, k, v, mem), q, k, v,
-                                   grad_out)
-        for name, a, b in zip(["out", "dq", "dk", "dv"], want, model_path):
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("q_start", [0, 13])
+def test_the_model_path_matches_masked_over_several_calls(bench, q_start):
+    """memory_attention() as training runs it: 4 chunks a call, here 6 chunks of 8 (two calls)."""
+    cfg, B, _ = bench.model_config("tiny")
+    q, k, v, mem = bench.make_inputs(cfg, B, 6 * cfg.chunk_len, "memory", torch.float32)
+    q, mem = q[:, :, q_start:], mem._replace(q_start=q_start)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    want = bench.fwd_bwd(lambda q, k, v: memory_attention_torch(q, k, v, mem), q, k, v, grad_out)
+    got = bench.fwd_bwd(lambda q, k, v: memory_attention(q, k, v, mem), q, k, v, grad_out)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], want, got):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_chunked_rejects_queries_outside_the_memories(bench):
