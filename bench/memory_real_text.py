@@ -454,23 +454,25 @@ def text_oracle(checkpoint: Path, data: Path, kb: Path, seq_len: int, n_docs: in
     from memory3.memory.encoder import MemoryEncoder
     from memory3.memory.overlap import EVAL_OVERLAP, exceeding
     from memory3.memory.reading import sink_only
+    from memory3.model import ChunkMemories
     from memory3.train.checkpoint import load_model, load_tokenizer
     model, recipe, _ = load_model(checkpoint)
     model.eval()
     tok = load_tokenizer(checkpoint, TOKENIZER)
     ref_len = recipe.model.reference_len
     reads = trained_with_memory(recipe)
-    encoders = {"memory": MemoryEncoder(model),
-                "memory_dense": MemoryEncoder(model, top_k=ref_len - 1),
-                "memory_causal": MemoryEncoder(model)} if reads else {}
-    sink = MemoryEncoder(model).sink_kv() if reads else None
+    sparse = MemoryEncoder(model) if reads else None
+    dense = MemoryEncoder(model, top_k=ref_len - 1) if reads else None
+    sink = sparse.sink_kv() if reads else None
     knowledge = [json.loads(line) for line in kb.read_text().splitlines()]
     on: dict[str, list[list[int]]] = {}
     for d in knowledge:
         on.setdefault(d["head"], []).append(tok.encode(d["text"])[:ref_len - 1])
     rng = random.Random(0)
     L = recipe.model.chunk_len
-    names, parts = ("alone", "subject", "random", *encoders), ("", "_head", "_rest")
+    names = ("alone", "subject", "random",
+             *(("memory", "memory_dense", "memory_causal") if reads else ()))
+    parts = ("", "_head", "_rest")
     nll = {name + part: 0.0 for name in names for part in parts}
     tokens = head = docs = 0
 
@@ -494,10 +496,14 @@ def text_oracle(checkpoint: Path, data: Path, kb: Path, seq_len: int, n_docs: in
                           ("random", tok.encode(rng.choice(knowledge)["text"])[:ref_len - 1])):
             before = [] if ref is None else [tok.bos_id, *ref, tok.eos_id]
             per_token[name] = losses(torch.tensor([before + doc]), len(before))
-        for name, encoder in encoders.items():
-            memory = own_memories(encoder, [best], -(-(len(doc) - 1) // L), sink,
-                                  first_chunk=int(name == "memory_causal"))
-            per_token[name] = losses(x, 0, memory)
+        if reads:
+            C = -(-(len(doc) - 1) // L)
+            memory = own_memories(sparse, [best], C, sink)
+            per_token["memory"] = losses(x, 0, memory)
+            per_token["memory_dense"] = losses(x, 0, own_memories(dense, [best], C, sink))
+            late = memory.valid.clone()  # the same memory, read from the second chunk on
+            late[:, 0] = False
+            per_token["memory_causal"] = losses(x, 0, ChunkMemories(memory.kv, late, sink))
         for name, loss in per_token.items():
             nll[name] += loss.sum().item()
             nll[f"{name}_head"] += loss[:L - 1].sum().item()  # doc[1 : L]

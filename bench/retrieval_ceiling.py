@@ -220,8 +220,7 @@ def main(argv=None) -> dict:
     model.eval()
     if args.memories_per_chunk:
         model.cfg.memories_per_chunk = args.memories_per_chunk
-    top_k = model.cfg.memory_top_k
-    if args.memory_top_k:
+    if args.memory_top_k and not args.encode_now:  # the bank's memories keep this many tokens
         model.cfg.memory_top_k = args.memory_top_k
     if not model.cfg.memory_layer_ids:
         sys.exit(f"{args.checkpoint}: the model has no memory layers (model.memory_layers)")
@@ -229,12 +228,9 @@ def main(argv=None) -> dict:
     seq_len = args.seq_len or recipe.data.seq_len
     sequences = text_sequences([args.data], tokenizer, seq_len, max_sequences=args.sequences)
     with MemoryBank.open(args.bank, verify="size") as bank:
-        if args.encode_now:  # the bank's memories are not read: it must fit the checkpoint
-            model.cfg.memory_top_k, wanted = top_k, model.cfg.memory_top_k
-            bank.check_model_config(model.cfg)
-            model.cfg.memory_top_k = wanted
-        else:
-            bank.check_model_config(model.cfg)
+        bank.check_model_config(model.cfg)
+        if args.memory_top_k and args.encode_now:  # memories encoded now keep this many
+            model.cfg.memory_top_k = args.memory_top_k
         if args.chunk_len:
             model.cfg.chunk_len = args.chunk_len
         report = measure(model, tokenizer, bank, sequences, args.rules,

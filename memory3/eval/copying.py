@@ -83,20 +83,18 @@ def memory_copy_probe(model, spans: Sequence[Sequence[int]], bos_id: int, *,
 
 
 def own_memories(encoder: MemoryEncoder, references: Sequence[Sequence[int]], n_chunks: int,
-                 sink: torch.Tensor | None, first_chunk: int = 0) -> ChunkMemories:
-    """Reference b (at most reference_len - 1 tokens), encoded now, as the one memory that chunks
-    first_chunk .. n_chunks - 1 of row b read (earlier chunks read the sink alone): what a
-    retriever that always found the row's own reference would hand it."""
+                 sink: torch.Tensor | None) -> ChunkMemories:
+    """Reference b (at most reference_len - 1 tokens), encoded now, as the one memory that every
+    one of the n_chunks chunks of row b reads: what a retriever that always found the row's own
+    reference would hand it."""
     cfg = encoder.model.cfg
     device = encoder.model.embed.weight.device
     tokens, lengths = pack_references([list(r) for r in references], ref_bos_id=encoder.ref_bos_id,
                                       pad_id=PAD_ID, reference_len=cfg.reference_len)
     encoded = encoder.encode(tokens.to(device), lengths.to(device))
     kv, valid = compact_slots(encoded.kv, encoded.positions)          # (B, L_mem, 2, G, K, D)
-    valid = valid[:, None, None].repeat(1, n_chunks, 1, 1)
-    valid[:, :first_chunk] = False
     return ChunkMemories(kv=kv[:, None, None].expand(-1, n_chunks, -1, *kv.shape[1:]),
-                         valid=valid, sink=sink)
+                         valid=valid[:, None, None].expand(-1, n_chunks, -1, -1), sink=sink)
 
 
 def _span_length(spans: Sequence[Sequence[int]], probe: str) -> int:

@@ -184,7 +184,7 @@ def memory_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     blocks. Four chunks a call (256 queries at chunk_len 64) measured fastest on a CPU: fwd+bwd
     1.3-1.8x the single call in bf16 at 512-2,048 tokens, the same call below 256
     (bench/memory_attention_chunked.py)."""
-    B, G, C, Sm, D = mem.k.shape
+    B, G, C = mem.k.shape[:3]
     T = q.shape[2]
     L, start, first = mem.chunk_len, mem.q_start, mem.first_chunk
     check_covers(start // L - first, (start + T - 1) // L - first, first, C)
